@@ -1,0 +1,78 @@
+"""Settings: CLI flags > environment (``LOCALTAG_*``) > defaults.
+
+Every adapter (CLI, REST, gRPC, Directus) builds one :class:`Settings` and passes it down.
+Flags override by passing keyword arguments: ``Settings(**flags)`` wins over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "ViT-B-32-256.datacomp_s34b_b86k"
+
+
+def default_models_dir() -> Path:
+    """``./models`` of a source checkout, else ``~/.local/share/localtag/models``."""
+    here = REPO_ROOT / "models"
+    if here.is_dir():
+        return here
+    return Path.home() / ".local" / "share" / "localtag" / "models"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "localtag"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCALTAG_", extra="ignore")
+
+    # model store and vocabulary
+    models_dir: Path = Field(default_factory=default_models_dir)
+    model: str = DEFAULT_MODEL
+    vocab: Path | None = None  # None: the model's own vocab.txt, else ./vocab.txt
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    device: str = "auto"
+
+    # scoring
+    scoring: str = "binary"
+    max_concepts: int = 20
+    min_value: float = 0.0
+
+    # decoding limits
+    max_pixels: int = 85_000_000
+    max_bytes: int = 20_000_000
+    fast_decode: bool = False
+
+    # batching
+    batch_size: int = 32
+    workers: int = 2
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = None
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    allow_public_bind: bool = False
+    allow_hosts: list[str] = Field(default_factory=list)
+    fetch_timeout: float = 10.0
+    max_redirects: int = 5
+    batch_window_ms: float = 5.0
+    max_queue: int = 512
+
+    # directus
+    directus_url: str | None = None
+    directus_token: SecretStr | None = None
+    flow_secret: SecretStr | None = None
+
+    def resolved_vocab(self, model_vocab: Path | None) -> Path:
+        """The vocabulary to use: explicit setting, else the model's own, else the shipped default."""
+        if self.vocab is not None:
+            return self.vocab
+        if model_vocab is not None:
+            return model_vocab
+        return REPO_ROOT / "vocab.txt"

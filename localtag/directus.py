@@ -1,0 +1,395 @@
+"""A small synchronous Directus REST client: the parts of the API localtag uses.
+
+Every request retries 5xx, 429 (honouring Retry-After), timeouts and connection errors with
+exponential backoff and full jitter. 401/403 raise DirectusAuthError at once; the token never
+appears in an error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import mimetypes
+import random
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_FIELDS = ("id", "type", "tags", "filename_download", "filesize", "width", "height")
+IMAGES_ONLY = {"type": {"_starts_with": "image/"}}
+_RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+class DirectusError(Exception):
+    """A Directus request failed. `status` and `code` come from the response when there was one."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class DirectusAuthError(DirectusError):
+    """Directus answered 401 or 403: the token is wrong or lacks a permission."""
+
+
+class DirectusNotFoundError(DirectusError):
+    """The item does not exist (Directus often says 403 instead; see DirectusAuthError)."""
+
+
+class DirectusClient:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 30,
+        retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"DirectusClient({self.url!r})"
+
+    def __enter__(self) -> DirectusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _delay(self, attempt: int, retry_after: str | None = None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), 300.0)
+            except ValueError:
+                try:
+                    when = email.utils.parsedate_to_datetime(retry_after).timestamp()
+                    return min(max(when - time.time(), 0.0), 300.0)
+                except (TypeError, ValueError):
+                    pass
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+    def _request(
+        self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
+    ) -> tuple[httpx.Response, bytes]:
+        """Send with retries; return the response and its body (at most max_bytes)."""
+        what = f"{method} {path}"
+        attempt = 0
+        while True:
+            retry_after = None
+            try:
+                with self._http.stream(method, path, **kwargs) as resp:
+                    if resp.status_code < 400:
+                        return resp, _read_capped(resp, max_bytes, what)
+                    resp.read()
+            except _RETRYABLE_ERRORS as exc:
+                if attempt >= self.retries:
+                    raise DirectusError(
+                        f"{what}: {type(exc).__name__} after {attempt + 1} attempts: {exc}"
+                    ) from exc
+            else:
+                status = resp.status_code
+                message, code = _error_detail(resp)
+                if status in (401, 403):
+                    raise DirectusAuthError(
+                        f"{what}: Directus refused access ({status} {code or ''}: {message}). Check "
+                        "the Directus token and its permissions (Directus also answers 403 for "
+                        "an item that does not exist).",
+                        status=status,
+                        code=code,
+                    )
+                if status != 429 and status < 500:
+                    raise DirectusError(f"{what}: {status} {code or ''}: {message}", status=status, code=code)
+                if attempt >= self.retries:
+                    raise DirectusError(
+                        f"{what}: {status} {code or ''} after {attempt + 1} attempts: {message}",
+                        status=status,
+                        code=code,
+                    )
+                retry_after = resp.headers.get("Retry-After")
+            time.sleep(self._delay(attempt, retry_after))
+            attempt += 1
+
+    def _data(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A JSON request; returns the `data` member (None for an empty 204 answer)."""
+        _, body = self._request(method, path, **kwargs)
+        return json.loads(body)["data"] if body else None
+
+    def _meta(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        _, body = self._request("GET", path, params=params)
+        return json.loads(body).get("meta") or {}
+
+    # ------------------------------------------------------------------ files
+
+    def iter_files(
+        self,
+        filter: dict | None = None,
+        page_size: int = 100,
+        fields: Iterable[str] = DEFAULT_FIELDS,
+        *,
+        images_only: bool = True,
+    ) -> Iterator[dict]:
+        """Yield the matching files sorted by id, each once, reading page_size (at most 100) at a time.
+
+        Directus has no `_gt` on uuid fields, so keyset paging on id is impossible; instead this takes a
+        snapshot of the matching ids first (id-only requests) and then reads them in pages with
+        `id _in [...]`, re-checking the filter. Writes during the walk (tagging the files an "untagged"
+        filter selects) can't shift pages; files uploaded after the walk began are left for the next walk.
+        """
+        fields = list(dict.fromkeys(["id", *fields]))
+        base = _combine(filter, images_only)
+        ids = self._matching_ids(base)
+        step = max(1, min(page_size, 100))  # 100 uuids keep the URL under ~5 kB
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
+            params = {"fields": ",".join(fields), "sort": "id", "limit": len(chunk)}
+            params["filter"] = json.dumps({"_and": [*base, {"id": {"_in": chunk}}]})
+            yield from self._data("GET", "/files", params=params) or []
+
+    def _matching_ids(self, clauses: list[dict]) -> list[str]:
+        """All matching ids, sorted. One request unless QUERY_LIMIT_MAX clamps `limit=-1`."""
+        ids: list[str] = []
+        while True:
+            params: dict[str, Any] = {"fields": "id", "sort": "id", "limit": -1, "offset": len(ids)}
+            params["meta"] = "filter_count"
+            if clauses:
+                params["filter"] = json.dumps({"_and": clauses})
+            _, body = self._request("GET", "/files", params=params)
+            doc = json.loads(body)
+            page = [row["id"] for row in doc["data"]]
+            ids += page
+            if not page or len(ids) >= int(doc["meta"]["filter_count"]):
+                return ids
+
+    def count_files(self, filter: dict | None = None, *, images_only: bool = True) -> int:
+        """How many files match (the same default images-only filter as iter_files)."""
+        params: dict[str, Any] = {"limit": 1, "fields": "id", "meta": "filter_count"}
+        clauses = _combine(filter, images_only)
+        if clauses:
+            params["filter"] = json.dumps({"_and": clauses})
+        return int(self._meta("/files", params)["filter_count"])
+
+    def get_file(self, file_id: str, fields: Iterable[str] | None = None) -> dict:
+        params = {"fields": ",".join(fields)} if fields else None
+        return self._data("GET", f"/files/{file_id}", params=params)
+
+    def download(
+        self,
+        file_id: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        max_bytes: int = 20_000_000,
+    ) -> bytes:
+        """The file's bytes, or a JPEG rendition that fits inside width x height (made by Directus)."""
+        params: dict[str, Any] = {}
+        if width or height:
+            params = {"fit": "inside", "format": "jpg", "withoutEnlargement": "true"}
+            if width:
+                params["width"] = width
+            if height:
+                params["height"] = height
+        _, body = self._request("GET", f"/assets/{file_id}", params=params, max_bytes=max_bytes)
+        return body
+
+    def set_tags(self, file_id: str, tags: list[str]) -> None:
+        data = self._data("PATCH", f"/files/{file_id}", params={"fields": "id"}, json={"tags": list(tags)})
+        if data is None:  # Directus answers 204 for a PATCH of an id that does not exist
+            raise DirectusNotFoundError(f"PATCH /files/{file_id}: no such file", status=204, code="NOT_FOUND")
+
+    def upload(self, path_or_bytes: str | Path | bytes, filename: str | None = None, **fields: Any) -> dict:
+        """Upload a file (multipart POST /files); extra fields (title, folder, ...) go before the file."""
+        if isinstance(path_or_bytes, bytes):
+            content = path_or_bytes
+            if not filename:
+                raise ValueError("filename is required when uploading bytes")
+        else:
+            content = Path(path_or_bytes).read_bytes()
+            filename = filename or Path(path_or_bytes).name
+        mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        return self._data("POST", "/files", data=form, files={"file": (filename, content, mime)})
+
+    def delete_file(self, file_id: str) -> None:
+        self._request("DELETE", f"/files/{file_id}")
+
+    # ------------------------------------------------------------------ flows
+
+    def find_flows(self, name: str) -> list[dict]:
+        params = {"filter": json.dumps({"name": {"_eq": name}}), "fields": "id,operations.id", "sort": "date_created"}
+        return self._data("GET", "/flows", params=params) or []
+
+    def install_flow(self, name: str, localtag_url: str, secret: str) -> str:
+        """Create or update (in place, never a duplicate) the flow that POSTs each upload to localtag.
+
+        Body: {"trigger": <the event's trigger object>} as JSON; header X-Localtag-Secret.
+        Directus must allow the target address: for 127.0.0.1 set IMPORT_IP_DENY_LIST=169.254.169.254.
+        """
+        ops = [
+            {
+                "key": "localtag",
+                "name": "Send to localtag",
+                "type": "request",
+                "options": {
+                    "method": "POST",
+                    "url": localtag_url,
+                    "headers": [
+                        {"header": "X-Localtag-Secret", "value": secret},
+                        {"header": "Content-Type", "value": "application/json"},
+                    ],
+                    "body": '{"trigger": {{$trigger}}}',
+                },
+            }
+        ]
+        return self._put_flow(name, ops, "Tags uploaded images with localtag.")
+
+    def install_tutorial_flow(
+        self,
+        name: str,
+        localtag_url: str,
+        pat: str,
+        directus_public_url: str,
+        access_token: str,
+        threshold: float = 0.95,
+    ) -> str:
+        """The Clarifai tutorial's flow, pointed at localtag's Clarifai-compatible endpoint.
+
+        upload -> condition (image/*) -> request (Clarifai JSON) -> exec (concepts > threshold)
+        -> item-update directus_files.tags.
+        """
+        image_url = f"{directus_public_url.rstrip('/')}/assets/{{{{$trigger.key}}}}?access_token={access_token}"
+        script = (
+            "module.exports = async function(data) {\n"
+            "  return data.clarifai.data.outputs[0].data.concepts\n"
+            f"    .filter((c) => c.value > {float(threshold)!r}).map((c) => c.name);\n"
+            "};\n"
+        )
+        ops = [
+            {
+                "key": "is_image",
+                "name": "Is an image",
+                "type": "condition",
+                "options": {"filter": {"$trigger": {"payload": {"type": {"_starts_with": "image/"}}}}},
+            },
+            {
+                "key": "clarifai",
+                "name": "Recognise concepts",
+                "type": "request",
+                "options": {
+                    "method": "POST",
+                    "url": f"{localtag_url.rstrip('/')}/v2/models/general-image-recognition/outputs",
+                    "headers": [
+                        {"header": "Authorization", "value": f"key {pat}"},
+                        {"header": "Content-Type", "value": "application/json"},
+                    ],
+                    "body": json.dumps({"inputs": [{"data": {"image": {"url": image_url}}}]}),
+                },
+            },
+            {"key": "concepts", "name": "Pick concepts", "type": "exec", "options": {"code": script}},
+            {
+                "key": "set_tags",
+                "name": "Write tags",
+                "type": "item-update",
+                "options": {
+                    "collection": "directus_files",
+                    "key": "{{$trigger.key}}",
+                    "payload": {"tags": "{{$last}}"},
+                    "permissions": "$full",
+                    "emitEvents": True,
+                },
+            },
+        ]
+        return self._put_flow(name, ops, "Clarifai tutorial flow (localtag).")
+
+    def _put_flow(self, name: str, ops: list[dict], description: str) -> str:
+        """Create the flow `name`, or rebuild the existing one in place, with `ops` chained by resolve."""
+        flow = {
+            "name": name,
+            "icon": "label",
+            "description": description,
+            "status": "active",
+            "trigger": "event",
+            "accountability": "all",
+            "options": {"type": "action", "scope": ["files.upload"]},
+        }
+        existing = self.find_flows(name)
+        for extra in existing[1:]:  # collapse duplicates someone else made
+            self._delete_flow(extra)
+        if existing:
+            flow_id = existing[0]["id"]
+            self._data("PATCH", f"/flows/{flow_id}", params={"fields": "id"}, json={**flow, "operation": None})
+            old = [op["id"] for op in existing[0].get("operations") or []]
+            if old:
+                self._request("DELETE", "/operations", json=old)
+        else:
+            flow_id = self._data("POST", "/flows", params={"fields": "id"}, json=flow)["id"]
+        next_id = None
+        for i, op in reversed(list(enumerate(ops))):  # last first, so each can point to the next
+            body = {**op, "flow": flow_id, "resolve": next_id, "reject": None, "position_x": 19 + 18 * i, "position_y": 1}
+            next_id = self._data("POST", "/operations", params={"fields": "id"}, json=body)["id"]
+        self._data("PATCH", f"/flows/{flow_id}", params={"fields": "id"}, json={"operation": next_id})
+        return flow_id
+
+    def _delete_flow(self, flow: dict) -> None:
+        ops = [op["id"] for op in flow.get("operations") or []]
+        if ops:
+            self._data("PATCH", f"/flows/{flow['id']}", params={"fields": "id"}, json={"operation": None})
+            self._request("DELETE", "/operations", json=ops)
+        self._request("DELETE", f"/flows/{flow['id']}")
+
+    def uninstall_flow(self, name: str) -> bool:
+        """Delete every flow called `name` with its operations; False when there was none."""
+        flows = self.find_flows(name)
+        for flow in flows:
+            self._delete_flow(flow)
+        return bool(flows)
+
+
+def _combine(filter: dict | None, images_only: bool) -> list[dict]:
+    clauses = [IMAGES_ONLY] if images_only else []
+    if filter:
+        clauses.append(filter)
+    return clauses
+
+
+def _read_capped(resp: httpx.Response, max_bytes: int | None, what: str) -> bytes:
+    if max_bytes is None:
+        return resp.read()
+    declared = resp.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise DirectusError(f"{what}: {declared} bytes is over the {max_bytes}-byte limit", code="TOO_LARGE")
+    chunks, size = [], 0
+    for chunk in resp.iter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise DirectusError(f"{what}: over the {max_bytes}-byte limit", code="TOO_LARGE")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_detail(resp: httpx.Response) -> tuple[str, str | None]:
+    try:
+        err = resp.json()["errors"][0]
+        return str(err.get("message", "")), (err.get("extensions") or {}).get("code")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return resp.text[:200].strip() or resp.reason_phrase, None

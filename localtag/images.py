@@ -1,0 +1,131 @@
+"""Decoding: bytes or a path in, an upright RGB ``PIL.Image`` out, or an :class:`ImageError`.
+
+- EXIF orientation is applied.
+- Every mode becomes RGB: palette and alpha images are composited on white, 16-bit greyscale is
+  scaled (not clipped), CMYK is converted, an animation gives its first frame.
+- The pixel count is checked from the header, before any pixel is decoded (decompression bombs).
+- ``draft`` lets the JPEG decoder produce a reduced-scale image (1/2, 1/4, 1/8) directly, which is
+  several times cheaper for photos much larger than the model input.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Our own limit (``max_pixels``) replaces Pillow's global one, checked before decoding.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+NOT_IMAGE = "not_image"
+CORRUPT = "corrupt"
+TOO_MANY_PIXELS = "too_many_pixels"
+TOO_MANY_BYTES = "too_many_bytes"
+FETCH_FAILED = "fetch_failed"
+URL_REFUSED = "url_refused"
+NOT_FOUND = "not_found"
+
+
+class ImageError(Exception):
+    """One input failed. ``kind`` is one of the module constants; the message is for people."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def read_source(source: str | Path | bytes, max_bytes: int) -> bytes:
+    """The bytes of a path or of bytes already in memory, with the byte cap applied."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ImageError(TOO_MANY_BYTES, f"{path}: {size} bytes is over the {max_bytes}-byte limit")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(NOT_FOUND, f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(NOT_IMAGE, f"{path}: is a directory") from None
+        except PermissionError:
+            raise ImageError(NOT_FOUND, f"{path}: permission denied") from None
+    if len(data) > max_bytes:
+        raise ImageError(TOO_MANY_BYTES, f"{len(data)} bytes is over the {max_bytes}-byte limit")
+    return data
+
+
+def decode(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = 85_000_000,
+    max_bytes: int = 20_000_000,
+    draft: int | None = None,
+) -> Image.Image:
+    """Decode to an upright RGB image. ``draft``: the shortest side the caller needs (JPEG only)."""
+    data = read_source(source, max_bytes)
+    if not data:
+        raise ImageError(NOT_IMAGE, "empty input")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(NOT_IMAGE, "not a recognised image format") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage
+        raise ImageError(CORRUPT, f"cannot read image header: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(CORRUPT, f"invalid image size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError(
+            TOO_MANY_PIXELS, f"{w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit"
+        )
+    try:
+        if draft and img.format == "JPEG" and min(w, h) >= 2 * draft:
+            scale = min(w, h) / draft
+            img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(CORRUPT, f"cannot decode image: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() or 1.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+        return Image.fromarray(np.clip(arr * scale, 0, 255).astype("uint8"), "L").convert("RGB")
+    if mode == "F":
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / ((hi - lo) or 1.0) * 255.0
+        return Image.fromarray(arr.astype("uint8"), "L").convert("RGB")
+    if mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")

@@ -1,0 +1,346 @@
+"""The Tagger: images in, Clarifai-style concepts out.
+
+Scoring (``scoring=``):
+
+- ``binary`` (default): each concept is scored on its own against a fixed neutral prompt
+  ("a photo.", "an image.", …): ``value = sigmoid(s · (cos(image, concept) − cos(image, neutral)))``
+  with ``s`` the model's own logit scale (100 for CLIP). It is a two-way softmax between "a photo of
+  a cat" and "a photo", so a value does not depend on what else is in the vocabulary, like Clarifai's
+  per-concept values, and 0.95 means the concept beats the neutral prompt by ln(19)/s in cosine.
+- ``softmax``: a share of 1.0 over the whole vocabulary (CLIP's single-label recipe); it shrinks as the
+  vocabulary grows, so it only suits small closed sets.
+- ``sigmoid``: ``sigmoid(s · cos + b)`` with the model's learned bias; only for SigLIP-style models.
+
+A calibration file fitted by ``localtag calibrate`` (per-concept ``a · logit + b``) replaces the
+default mapping when it matches the model. Parents are never below their children, exclusive pairs
+keep the stronger concept, hidden concepts are never reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import models as model_store
+from . import vocab as vocab_mod
+from .vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a photo showing {}.",
+    "an image of {}.",
+)
+NEUTRAL_PROMPTS = ("a photo.", "an image.", "a picture.", "a photo of something.", "a photo of an object.")
+SCORINGS = ("binary", "softmax", "sigmoid")
+_CACHE_VERSION = "text-v1"
+
+
+@dataclass(frozen=True)
+class Tag:
+    id: str
+    name: str
+    value: float
+
+
+class SelectError(ValueError):
+    """``select_concepts`` matched no concept of the vocabulary."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+class Tagger:
+    """One loaded model and vocabulary. Thread-safe for concurrent ``tag`` calls (inference only)."""
+
+    def __init__(
+        self,
+        info: model_store.ModelInfo,
+        vocab: Vocab,
+        *,
+        device: str = "auto",
+        scoring: str = "binary",
+        cache_dir: str | Path | None = None,
+        templates: Sequence[str] | None = None,
+        calibration: Any | None = None,
+    ):
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
+        self.info = info
+        self.vocab = vocab
+        self.device = pick_device(device)
+        self.scoring = scoring
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.templates = tuple(templates or info.templates or DEFAULT_TEMPLATES)
+        self.model = model_store.build(info).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.tokenizer = model_store.tokenizer_for(info)
+        self.preprocess = model_store.preprocess_for(info)
+        self.image_size = info.preprocess["size"]
+        self.logit_scale = float(self.model.logit_scale.exp().clamp(1, 100).item())
+        bias = getattr(self.model, "logit_bias", None)
+        self.logit_bias = float(bias.item()) if bias is not None else None
+        if scoring == "sigmoid" and self.logit_bias is None:
+            raise ValueError(f"{info.name} has no learned logit_bias; use scoring 'binary' or 'softmax'")
+        self.calibration = calibration
+        self._text: torch.Tensor | None = None
+        self._neutral: torch.Tensor | None = None
+        self._edges = _parent_edges(vocab)
+        self._exclusive = _exclusive_pairs(vocab)
+        self._hidden = np.array([c.hidden for c in vocab], dtype=bool)
+        self._thresholds = np.array([c.threshold or 0.0 for c in vocab], dtype=np.float32)
+        self._priority = np.array([c.priority for c in vocab], dtype=np.float32)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, settings, *, verify: bool = True) -> Tagger:
+        """Model, vocabulary and options from :class:`localtag.config.Settings`."""
+        store = model_store.ModelStore(settings.models_dir)
+        info = store.resolve(settings.model)
+        if verify:
+            store.verify(info, stamp_dir=settings.cache_dir)
+        vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
+        calibration = None
+        try:
+            from . import calibrate as calibrate_mod  # optional: present once calibration is supported
+        except ImportError:
+            calibrate_mod = None
+        if calibrate_mod is not None and hasattr(calibrate_mod, "find_for"):
+            calibration = calibrate_mod.find_for(vocab, info)
+        return cls(info, vocab, device=settings.device, scoring=settings.scoring,
+                   cache_dir=settings.cache_dir, calibration=calibration)
+
+    @property
+    def model_sha256(self) -> str:
+        return self.info.sha256
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_embeddings.shape[1])
+
+    # -- text side ---------------------------------------------------------------------------------
+    def _cache_key(self) -> str:
+        h = hashlib.sha256()
+        for part in (_CACHE_VERSION, self.model_sha256, self.vocab.sha256, "\n".join(self.templates),
+                     "\n".join(NEUTRAL_PROMPTS)):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+            with self._autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _prompt_ensemble(self, groups: list[list[str]]) -> torch.Tensor:
+        flat = [t for g in groups for t in g]
+        feats = self.encode_texts(flat)
+        rows, i = [], 0
+        for g in groups:
+            rows.append(feats[i : i + len(g)].mean(0))
+            i += len(g)
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    def _build_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = []
+        for c in self.vocab:
+            templates = c.prompts or self.templates
+            groups.append([t.format(n) for n in (c.name, *c.synonyms) for t in templates])
+        concepts = self._prompt_ensemble(groups)
+        neutral = self._prompt_ensemble([list(NEUTRAL_PROMPTS)])[0]
+        return concepts, neutral
+
+    def _load_text(self) -> None:
+        path = self.cache_dir / "text" / f"{self._cache_key()}.npz" if self.cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                with np.load(path) as z:
+                    self._text, self._neutral = torch.from_numpy(z["concepts"]), torch.from_numpy(z["neutral"])
+                if self._text.shape[0] == len(self.vocab):
+                    return
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("text-embedding cache %s unreadable (%s); rebuilding", path, e)
+        log.info("encoding %d concepts × %d templates with %s", len(self.vocab), len(self.templates), self.info.name)
+        self._text, self._neutral = self._build_text()
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, concepts=self._text.numpy(), neutral=self._neutral.numpy())
+                os.replace(tmp, path)
+            except OSError as e:
+                log.warning("cannot write text-embedding cache %s: %s", path, e)
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """[concepts, dim] L2-normalised, prompt-ensembled text embeddings (CPU, float32)."""
+        if self._text is None:
+            self._load_text()
+        return self._text
+
+    @property
+    def neutral_embedding(self) -> torch.Tensor:
+        if self._neutral is None:
+            self._load_text()
+        return self._neutral
+
+    # -- image side --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed [N, 3, H, W] tensors → L2-normalised float32 embeddings on CPU."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            feats = self.model.encode_image(batch)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+    def embed(self, images: Sequence) -> np.ndarray:
+        """PIL images → [N, dim] float32 L2-normalised embeddings."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode(torch.stack([self.preprocess(im) for im in images])).numpy()
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def logits(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Raw per-concept logits [N, concepts] before the value mapping."""
+        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        cos = emb @ self.text_embeddings.T
+        if self.scoring == "binary":
+            cos = cos - (emb @ self.neutral_embedding)[:, None]
+            return (self.logit_scale * cos).numpy()
+        if self.scoring == "sigmoid":
+            return (self.logit_scale * cos + self.logit_bias).numpy()
+        return (self.logit_scale * cos).numpy()
+
+    def scores(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Per-concept values in [0, 1], [N, concepts], with parents and exclusions applied."""
+        z = self.logits(embeddings)
+        if self.scoring == "softmax":
+            z = z - z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            values = e / e.sum(axis=1, keepdims=True)
+        else:
+            if self.calibration is not None:
+                z = self.calibration.apply(z)
+            values = 1.0 / (1.0 + np.exp(-z))
+        values = values.astype(np.float32)
+        for child, parent in self._edges:
+            np.maximum(values[:, parent], values[:, child], out=values[:, parent])
+        return values
+
+    def select_indices(self, select: Sequence[str] | None) -> np.ndarray | None:
+        """Indices of ``select_concepts`` (ids or names, case-sensitive as Clarifai's)."""
+        if not select:
+            return None
+        idx = []
+        names = {c.name: i for i, c in enumerate(self.vocab)}
+        for key in select:
+            i = self.vocab.by_id.get(key, names.get(key))
+            if i is not None:
+                idx.append(i)
+        if not idx:
+            raise SelectError(f"none of select_concepts {list(select)[:5]} is in the vocabulary")
+        return np.array(sorted(set(idx)))
+
+    def pick(
+        self,
+        values: np.ndarray,
+        *,
+        max_concepts: int = 20,
+        min_value: float = 0.0,
+        select: np.ndarray | None = None,
+        language: str | None = None,
+    ) -> list[Tag]:
+        """One image's values → its reported tags, sorted by value."""
+        v = values.astype(np.float32, copy=True)
+        reportable = ~self._hidden & (v >= min_value) & (v >= self._thresholds)
+        for a, b in self._exclusive:
+            loser = b if v[a] >= v[b] else a
+            reportable[loser] = False
+        if select is not None:
+            mask = np.zeros_like(reportable)
+            mask[select] = True
+            reportable &= mask
+        idx = np.flatnonzero(reportable)
+        if max_concepts and len(idx) > max_concepts:
+            # demoted (negative-priority) concepts only fill the places others leave free
+            order = np.lexsort((-v[idx], -self._priority[idx]))
+            idx = idx[order[:max_concepts]]
+        idx = idx[np.argsort(-v[idx], kind="stable")]
+        return [Tag(self.vocab[i].id, self.vocab[i].display(language), float(v[i])) for i in idx]
+
+    def tag(
+        self,
+        images: Sequence,
+        max_concepts: int = 20,
+        min_value: float = 0.0,
+        select_concepts: Sequence[str] | None = None,
+        language: str | None = None,
+    ) -> list[list[Tag]]:
+        """PIL images → per image, its concepts sorted by value."""
+        select = self.select_indices(select_concepts)
+        values = self.scores(self.embed(images))
+        return [self.pick(row, max_concepts=max_concepts, min_value=min_value, select=select, language=language)
+                for row in values]
+
+
+def _parent_edges(vocab: Vocab) -> list[tuple[int, int]]:
+    """(child, parent) pairs ordered so that a concept's own parents come after all its children."""
+    order: list[int] = []
+    seen: set[int] = set()
+
+    def visit(i: int) -> None:  # post-order over "is parent of"
+        if i in seen:
+            return
+        seen.add(i)
+        for p in vocab.parent_indices(i):
+            visit(p)
+        order.append(i)
+
+    for i in range(len(vocab)):
+        visit(i)
+    rank = {c: r for r, c in enumerate(reversed(order))}  # children before parents
+    edges = [(i, p) for i in range(len(vocab)) for p in vocab.parent_indices(i)]
+    return sorted(edges, key=lambda e: rank[e[0]])
+
+
+def _exclusive_pairs(vocab: Vocab) -> list[tuple[int, int]]:
+    pairs = set()
+    for i, c in enumerate(vocab):
+        for other in c.exclusive:
+            j = vocab.index(other)
+            if j is not None and j != i:
+                pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)

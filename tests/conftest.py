@@ -1,0 +1,101 @@
+"""Shared fixtures: real models (random-init or the trained CIFAR fixture) and real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LOCALTAG_SHARED_DATA", REPO.parent / "shared" / "data"))
+COCO_DIR = SHARED_DATA / "coco128" / "images"
+CIFAR_TAR = SHARED_DATA / "cifar10-jpeg.tar.gz"
+FIXTURE_MODEL = REPO / "models" / "cifar10-tiny"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_random_checkpoint(folder: Path, cfg: dict = TINY_CFG, seed: int = 0) -> Path:
+    """A random-init open_clip CLIP saved as open_clip's local-dir layout (config + safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    size = cfg["vision_cfg"]["image_size"]
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"size": size}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_store(tmp_path_factory) -> Path:
+    """A model store holding ``tiny-random``: a small random-init CLIP (no signal, real code paths)."""
+    from localtag.models import ModelStore
+
+    root = tmp_path_factory.mktemp("store")
+    ckpt = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-random")
+    ModelStore(root).import_checkpoint(ckpt, name="tiny-random")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def fixture_model() -> Path:
+    """The tiny CLIP trained on CIFAR-10 by tools/train_tiny_clip.py (committed, real signal)."""
+    assert (FIXTURE_MODEL / "manifest.json").is_file(), "models/cifar10-tiny is missing"
+    return FIXTURE_MODEL
+
+
+@pytest.fixture(scope="session")
+def fixture_tagger(fixture_model, cache_dir):
+    from localtag.config import Settings
+    from localtag.tagger import Tagger
+
+    return Tagger.load(Settings(model=str(fixture_model), cache_dir=cache_dir, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def coco_images() -> list[Path]:
+    files = sorted(COCO_DIR.glob("*.jpg"))
+    assert len(files) == 128, f"expected 128 COCO photos in {COCO_DIR}"
+    return files
+
+
+def extract_cifar(dest: Path, split: str = "test", per_class: int = 20) -> dict[str, list[Path]]:
+    """The first ``per_class`` JPEGs of each class (sorted names), extracted to ``dest``."""
+    wanted: dict[str, list[str]] = {c: [] for c in CIFAR_CLASSES}
+    with tarfile.open(CIFAR_TAR) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(f"{split}/")),
+                         key=lambda m: m.name)
+        out: dict[str, list[Path]] = {c: [] for c in CIFAR_CLASSES}
+        for m in members:
+            cls = m.name.split("/")[1]
+            if len(wanted[cls]) >= per_class:
+                continue
+            wanted[cls].append(m.name)
+            target = dest / m.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(m).read())
+            out[cls].append(target)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_test(tmp_path_factory) -> dict[str, list[Path]]:
+    """20 real CIFAR-10 test JPEGs per class."""
+    return extract_cifar(tmp_path_factory.mktemp("cifar"))
