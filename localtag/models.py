@@ -164,7 +164,7 @@ def _looks_openai(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()[:50])
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 class ModelStore:
@@ -393,11 +393,21 @@ def build(info: ModelInfo):
         raise ModelError(f"{info.name}: cannot build architecture {info.arch!r}: {e}") from e
     try:
         with _quiet_torchscript():
-            open_clip.load_checkpoint(model, str(info.weights_path), strict=True, weights_only=True)
+            if _looks_openai(info.weights_path):
+                # OpenAI's TorchScript release: read its tensors (torch.load(weights_only) refuses archives)
+                sd = torch.jit.load(str(info.weights_path), map_location="cpu").state_dict()
+                for key in ("input_resolution", "context_length", "vocab_size"):
+                    sd.pop(key, None)
+                expected = model.state_dict().keys()  # scripted modules also save non-persistent masks
+                sd = {k: v for k, v in sd.items() if k in expected or not k.endswith("attn_mask")}
+                model.load_state_dict(sd, strict=True)
+            else:
+                open_clip.load_checkpoint(model, str(info.weights_path), strict=True, weights_only=True)
     except Exception as e:
-        if isinstance(e, RuntimeError) and "TorchScript" not in str(e) and "Error(s) in loading" in str(e):
-            raise ModelError(f"{info.name}: the weights do not fit architecture {info.arch!r}: {str(e)[:500]}") from e
-        raise ModelError(f"{info.name}: cannot read weights {info.weights_path.name}: {str(e)[:500]}") from e
+        raise ModelError(
+            f"{info.name}: cannot load {info.weights_path.name} into architecture {info.arch!r} "
+            f"(wrong --arch, or a corrupt file): {str(e)[:500]}"
+        ) from e
     model = model.float().eval()
     torch.set_grad_enabled(True)  # callers use inference_mode explicitly
     return model
@@ -409,6 +419,7 @@ def _quiet_torchscript():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.*")
         yield
 
 
