@@ -236,7 +236,11 @@ class DirectusClient:
     # ------------------------------------------------------------------ flows
 
     def find_flows(self, name: str) -> list[dict]:
-        params = {"filter": json.dumps({"name": {"_eq": name}}), "fields": "id,operations.id", "sort": "date_created"}
+        params = {
+            "filter": json.dumps({"name": {"_eq": name}}),
+            "fields": "id,operations.id",
+            "sort": "date_created",
+        }
         return self._data("GET", "/flows", params=params) or []
 
     def install_flow(self, name: str, localtag_url: str, secret: str) -> str:
@@ -277,7 +281,9 @@ class DirectusClient:
         upload -> condition (image/*) -> request (Clarifai JSON) -> exec (concepts > threshold)
         -> item-update directus_files.tags.
         """
-        image_url = f"{directus_public_url.rstrip('/')}/assets/{{{{$trigger.key}}}}?access_token={access_token}"
+        image_url = (
+            f"{directus_public_url.rstrip('/')}/assets/{{{{$trigger.key}}}}?access_token={access_token}"
+        )
         script = (
             "module.exports = async function(data) {\n"
             "  return data.clarifai.data.outputs[0].data.concepts\n"
@@ -337,7 +343,9 @@ class DirectusClient:
             self._delete_flow(extra)
         if existing:
             flow_id = existing[0]["id"]
-            self._data("PATCH", f"/flows/{flow_id}", params={"fields": "id"}, json={**flow, "operation": None})
+            self._data(
+                "PATCH", f"/flows/{flow_id}", params={"fields": "id"}, json={**flow, "operation": None}
+            )
             old = [op["id"] for op in existing[0].get("operations") or []]
             if old:
                 self._request("DELETE", "/operations", json=old)
@@ -345,7 +353,14 @@ class DirectusClient:
             flow_id = self._data("POST", "/flows", params={"fields": "id"}, json=flow)["id"]
         next_id = None
         for i, op in reversed(list(enumerate(ops))):  # last first, so each can point to the next
-            body = {**op, "flow": flow_id, "resolve": next_id, "reject": None, "position_x": 19 + 18 * i, "position_y": 1}
+            body = {
+                **op,
+                "flow": flow_id,
+                "resolve": next_id,
+                "reject": None,
+                "position_x": 19 + 18 * i,
+                "position_y": 1,
+            }
             next_id = self._data("POST", "/operations", params={"fields": "id"}, json=body)["id"]
         self._data("PATCH", f"/flows/{flow_id}", params={"fields": "id"}, json={"operation": next_id})
         return flow_id

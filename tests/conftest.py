@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.directus_fixtures import directus  # noqa: F401  (the real Directus, session-scoped)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LOCALTAG_SHARED_DATA", REPO.parent / "shared" / "data"))
 COCO_DIR = SHARED_DATA / "coco128" / "images"
