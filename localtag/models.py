@@ -318,6 +318,7 @@ class ModelStore:
             if dest.exists():
                 shutil.rmtree(dest)
             tmp.rename(dest)
+            dest.chmod(0o755)  # mkdtemp made it private
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
