@@ -1,25 +1,42 @@
-"""A small synchronous Directus REST client: the parts of the API localtag uses.
+"""Directus: a small REST client, localtag's provenance record, and the flow endpoint.
 
-Every request retries 5xx, 429 (honouring Retry-After), timeouts and connection errors with
-exponential backoff and full jitter. 401/403 raise DirectusAuthError at once; the token never
-appears in an error message.
+- :class:`DirectusClient`: the parts of the API localtag uses. Every request retries 5xx, 429
+  (honouring Retry-After), timeouts and connection errors with exponential backoff and full jitter.
+  401/403 raise DirectusAuthError at once; the token never appears in an error message.
+- Provenance (:func:`plan_tags`, :func:`write_plan`): which tags are localtag's, kept in a json field
+  ``directus_files.localtag``; a person's tags are never removed or overwritten.
+- :data:`router`: ``POST /directus/flow`` for the flow :meth:`DirectusClient.install_flow` makes;
+  ``localtag.server.create_app`` includes it.
+
+The library-wide sync is :mod:`localtag.sync`; the commands are in :mod:`localtag.directus_cli`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import hashlib
+import hmac
 import json
+import logging
 import mimetypes
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from .images import ImageError, decode
 
 DEFAULT_FIELDS = ("id", "type", "tags", "filename_download", "filesize", "width", "height")
 IMAGES_ONLY = {"type": {"_starts_with": "image/"}}
+log = logging.getLogger(__name__)
 _RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
@@ -90,10 +107,12 @@ class DirectusClient:
         return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
 
     def _request(
-        self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
+        self, method: str, path: str, *, max_bytes: int | None = None, retries: int | None = None, **kwargs: Any
     ) -> tuple[httpx.Response, bytes]:
-        """Send with retries; return the response and its body (at most max_bytes)."""
+        """Send with retries (`retries`, default the client's); return the response and its body (at most
+        max_bytes)."""
         what = f"{method} {path}"
+        retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             retry_after = None
@@ -103,7 +122,7 @@ class DirectusClient:
                         return resp, _read_capped(resp, max_bytes, what)
                     resp.read()
             except _RETRYABLE_ERRORS as exc:
-                if attempt >= self.retries:
+                if attempt >= retries:
                     raise DirectusError(
                         f"{what}: {type(exc).__name__} after {attempt + 1} attempts: {exc}"
                     ) from exc
@@ -120,7 +139,7 @@ class DirectusClient:
                     )
                 if status != 429 and status < 500:
                     raise DirectusError(f"{what}: {status} {code or ''}: {message}", status=status, code=code)
-                if attempt >= self.retries:
+                if attempt >= retries:
                     raise DirectusError(
                         f"{what}: {status} {code or ''} after {attempt + 1} attempts: {message}",
                         status=status,
@@ -200,17 +219,56 @@ class DirectusClient:
         width: int | None = None,
         height: int | None = None,
         max_bytes: int = 20_000_000,
+        fit: str = "inside",
+        retries: int | None = None,
     ) -> bytes:
-        """The file's bytes, or a JPEG rendition that fits inside width x height (made by Directus)."""
+        """The file's bytes, or a JPEG rendition made by Directus: `fit` "inside" fits it inside
+        width x height, "outside" makes it just cover them (short side >= the box, for a centre crop).
+        `retries` overrides the client's (Directus answers 500 for an image it cannot resize)."""
         params: dict[str, Any] = {}
         if width or height:
-            params = {"fit": "inside", "format": "jpg", "withoutEnlargement": "true"}
+            params = {"fit": fit, "format": "jpg", "withoutEnlargement": "true"}
             if width:
                 params["width"] = width
             if height:
                 params["height"] = height
-        _, body = self._request("GET", f"/assets/{file_id}", params=params, max_bytes=max_bytes)
+        _, body = self._request("GET", f"/assets/{file_id}", params=params, max_bytes=max_bytes, retries=retries)
         return body
+
+    def files_by_id(self, ids: Iterable[str], fields: Iterable[str]) -> dict[str, dict]:
+        """The rows of these files (one request per 100 ids); a file that does not exist is left out."""
+        ids = list(dict.fromkeys(ids))
+        fields = ",".join(dict.fromkeys(["id", *fields]))
+        out: dict[str, dict] = {}
+        for i in range(0, len(ids), 100):
+            chunk = ids[i : i + 100]
+            params = {"fields": fields, "limit": len(chunk), "filter": json.dumps({"id": {"_in": chunk}})}
+            out.update({row["id"]: row for row in self._data("GET", "/files", params=params) or []})
+        return out
+
+    def update_file(self, file_id: str, values: dict[str, Any], fields: Iterable[str] = ("id",)) -> dict:
+        """PATCH /files/{id} with `values`; returns the stored `fields`. Raises DirectusNotFoundError when
+        the file does not exist. A PATCH sets whole values, so sending it twice is the same as once."""
+        params = {"fields": ",".join(dict.fromkeys(["id", *fields]))}
+        data = self._data("PATCH", f"/files/{file_id}", params=params, json=values)
+        if data is None:  # Directus answers 204 for a PATCH of an id that does not exist
+            raise DirectusNotFoundError(f"PATCH /files/{file_id}: no such file", status=204, code="NOT_FOUND")
+        return data
+
+    def ping(self) -> bool:
+        """Whether Directus answers /server/ping (after the usual retries)."""
+        try:
+            _, body = self._request("GET", "/server/ping")
+        except DirectusError:
+            return False
+        return body.strip() == b"pong"
+
+    def field_names(self, collection: str) -> set[str]:
+        """The fields of `collection` this token can see."""
+        return {f["field"] for f in self._data("GET", f"/fields/{collection}", params={"fields": "field"}) or []}
+
+    def create_field(self, collection: str, field: dict[str, Any]) -> None:
+        self._data("POST", f"/fields/{collection}", json=field)
 
     def set_tags(self, file_id: str, tags: list[str]) -> None:
         data = self._data("PATCH", f"/files/{file_id}", params={"fields": "id"}, json={"tags": list(tags)})
@@ -380,6 +438,162 @@ class DirectusClient:
         return bool(flows)
 
 
+# ====================================================================== provenance
+#
+# Which tags localtag wrote lives in Directus itself, in a json field `localtag` on directus_files that
+# `install-flow` and `sync` create. Every write is ONE PATCH carrying the new `tags` and the new `localtag`
+# record together: Directus stores both in one transaction or neither, so a crash or Ctrl-C at any moment
+# leaves each file either as it was or fully tagged, never with tags it cannot account for; and a PATCH
+# sets whole values, so a retried PATCH changes nothing more. The record travels with the file, so the
+# flow endpoint and any machine running `sync` share it, and people see in Directus which tags are
+# machine tags.
+
+PROVENANCE_FIELD = "localtag"
+PROVENANCE_VERSION = 1
+_FIELD_DEFINITION = {
+    "field": PROVENANCE_FIELD,
+    "type": "json",
+    "meta": {
+        "interface": "input-code",
+        "options": {"language": "json"},
+        "special": ["cast-json"],
+        "readonly": True,
+        "note": "Written by localtag: which of the tags are machine tags (model, vocabulary, values). "
+        "Tags you add or remove yourself are never changed by localtag.",
+    },
+    "schema": {"is_nullable": True},
+}
+
+
+class TagsFieldError(ValueError):
+    """The file's `tags` hold something other than a list: a person's data, left alone."""
+
+
+def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> bool:
+    """Whether directus_files.localtag exists; with `create`, make it when missing (needs an admin token)."""
+    if PROVENANCE_FIELD in client.field_names("directus_files"):
+        return True
+    if not create:
+        return False
+    try:
+        client.create_field("directus_files", _FIELD_DEFINITION)
+    except DirectusAuthError as e:
+        raise DirectusAuthError(
+            f"the field directus_files.{PROVENANCE_FIELD} (where localtag records its own tags) is missing "
+            "and this token may not create it: run `localtag directus install-flow` or `sync` once with an "
+            f"admin token. ({e})",
+            status=e.status,
+            code=e.code,
+        ) from None
+    return True
+
+
+def machine_tags(provenance: Any) -> tuple[list[str], list[str]]:
+    """(tags localtag wrote, machine tags a person removed) from a `localtag` record; ([], []) if unusable."""
+    if not isinstance(provenance, dict):
+        return [], []
+
+    def strings(key: str) -> list[str]:
+        value = provenance.get(key)
+        return [t for t in value if isinstance(t, str)] if isinstance(value, list) else []
+
+    return strings("tags"), strings("rejected")
+
+
+@dataclass
+class TagPlan:
+    """The values one write sets: `tags` (the person's, in their order, then the machine's) and the
+    `provenance` record; `added` / `removed` are machine tags, for logs and dry runs."""
+
+    tags: list[Any]
+    provenance: dict[str, Any]
+    added: list[str]
+    removed: list[str]
+
+
+def plan_tags(current: Any, provenance: Any, new: Sequence[Any], stamp: dict[str, Any]) -> TagPlan:
+    """(current tags − localtag's previous tags) ∪ new machine tags, never touching a person's tags.
+
+    - A previous machine tag still present is removed once (its last occurrence: a person may have
+      added the same tag too, and that one stays theirs).
+    - A previous machine tag that is gone was removed by a person: it is remembered (`rejected`) and
+      never written again.
+    - A new machine tag equal (case-insensitively) to a person's tag is not added and not claimed.
+    - `current` None is no tags; anything else but a list raises TagsFieldError.
+    `new`: tagger Tags (or plain names), best first. `stamp`: model, vocabulary and run for the record.
+    """
+    if current is None:
+        current = []
+    if not isinstance(current, list):
+        raise TagsFieldError(f"the tags field holds a JSON {type(current).__name__}, not a list: left as it is")
+    previous, rejected = machine_tags(provenance)
+    person = list(current)
+    removed = []
+    for tag in previous:
+        idx = next((i for i in range(len(person) - 1, -1, -1) if person[i] == tag), None)
+        if idx is None:
+            if tag not in rejected:
+                rejected.append(tag)
+        else:
+            del person[idx]
+            removed.append(tag)
+    taken = {t.casefold() for t in [*person, *rejected] if isinstance(t, str)}
+    machine, values = [], {}
+    for t in new:
+        name = getattr(t, "name", t)
+        if not isinstance(name, str) or not name or name.casefold() in taken:
+            continue
+        taken.add(name.casefold())
+        machine.append(name)
+        if hasattr(t, "value"):
+            values[name] = round(float(t.value), 4)
+    record = {"v": PROVENANCE_VERSION, "tags": machine, "values": values, **stamp}
+    if rejected:
+        record["rejected"] = rejected
+    added = [t for t in machine if t not in removed]
+    return TagPlan(person + machine, record, added, [t for t in removed if t not in machine])
+
+
+def provenance_stamp(tagger: Any, run: str) -> dict[str, Any]:
+    """What a provenance record says about the tagger and the write: model, weights and vocabulary hashes."""
+    return {
+        "model": tagger.info.name,
+        "model_sha256": tagger.info.sha256,
+        "vocab_sha256": tagger.vocab.sha256,
+        "run": run,
+        "tagged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_plan(client: DirectusClient, file_id: str, plan: TagPlan) -> None:
+    """Store tags and provenance in one PATCH; check Directus kept the record (it silently drops a field
+    it does not know)."""
+    stored = client.update_file(
+        file_id, {"tags": plan.tags, PROVENANCE_FIELD: plan.provenance}, fields=[PROVENANCE_FIELD]
+    )
+    if stored.get(PROVENANCE_FIELD) != plan.provenance:
+        raise DirectusError(
+            f"PATCH /files/{file_id}: Directus did not keep the {PROVENANCE_FIELD} field; create it with "
+            "`localtag directus install-flow` or `sync` (an admin token)",
+            code="NO_PROVENANCE_FIELD",
+        )
+
+
+def retag_file(client: DirectusClient, file_id: str, new: Sequence[Any], stamp: dict[str, Any]) -> TagPlan:
+    """Read the file's tags and record afresh, replace localtag's own tags with `new`, write."""
+    row = client.files_by_id([file_id], ["tags", PROVENANCE_FIELD]).get(file_id)
+    if row is None:
+        raise DirectusNotFoundError(f"file {file_id} does not exist", code="NOT_FOUND")
+    plan = plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), new, stamp)
+    write_plan(client, file_id, plan)
+    return plan
+
+
+def is_transient(error: DirectusError) -> bool:
+    """No answer at all, a 5xx or a 429 (after the client's own retries): worth trying again later."""
+    return (error.status is None and error.code is None) or (error.status or 0) >= 500 or error.status == 429
+
+
 def _combine(filter: dict | None, images_only: bool) -> list[dict]:
     clauses = [IMAGES_ONLY] if images_only else []
     if filter:
@@ -408,3 +622,150 @@ def _error_detail(resp: httpx.Response) -> tuple[str, str | None]:
         return str(err.get("message", "")), (err.get("extensions") or {}).get("code")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return resp.text[:200].strip() or resp.reason_phrase, None
+
+
+# ====================================================================== the flow endpoint
+#
+# POST /directus/flow takes what the flow made by `install_flow` sends for each upload,
+# {"trigger": <$trigger>} (a bare $trigger works too), checks the shared secret, answers 202 at once
+# (the flow's HTTP call has no timeout) and tags the file in the background: download /assets/{key}
+# with the configured static token, tag with the server's own model (its batcher, shared with the REST
+# and gRPC routes), write with plan_tags (a person's tags stay). Transient Directus failures are retried
+# with backoff; a bad image or a refused token is logged once and dropped (`sync` catches up later).
+
+FLOW_PATH = "/directus/flow"
+FLOW_CONCURRENCY = 4
+FLOW_ATTEMPTS = 6  # on top of the client's own retries: about two minutes of Directus downtime
+MAX_FLOW_BODY = 1_000_000
+SECRET_HEADER = "X-Localtag-Secret"
+
+router = APIRouter(tags=["directus"])
+
+
+class FlowWorker:
+    """The background side of the flow endpoint, one per app (``app.state.directus_flow``)."""
+
+    def __init__(self, app: Any, settings: Any) -> None:
+        self.app = app
+        self.settings = settings
+        self.client = DirectusClient(settings.directus_url, settings.directus_token.get_secret_value())
+        self.semaphore = asyncio.Semaphore(FLOW_CONCURRENCY)
+        self.tasks: set[asyncio.Task] = set()
+        self.field_ready = False
+        self.backoff = 1.0
+        self.done = 0
+        self.failed = 0
+
+    def submit(self, key: str, mime: str | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(key, mime))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, key: str, mime: str | None) -> None:
+        async with self.semaphore:
+            for attempt in range(FLOW_ATTEMPTS):
+                try:
+                    await self._tag(key, mime)
+                    self.done += 1
+                    return
+                except ImageError as e:
+                    log.warning("directus file %s not tagged: %s: %s", key, e.kind, e.message)
+                except DirectusNotFoundError:
+                    log.warning("directus file %s was deleted before it was tagged", key)
+                except TagsFieldError as e:
+                    log.warning("directus file %s not tagged: %s", key, e)
+                except DirectusError as e:
+                    if is_transient(e) and attempt + 1 < FLOW_ATTEMPTS:
+                        delay = random.uniform(0.5, 1.0) * self.backoff * 2**attempt
+                        log.warning("directus file %s: %s; retrying in %.1f s", key, e, delay)
+                        await asyncio.sleep(delay)
+                        continue
+                    log.error("directus file %s not tagged: %s", key, e)
+                self.failed += 1
+                return
+
+    async def _tag(self, key: str, mime: str | None) -> None:
+        if not self.field_ready:
+            self.field_ready = await asyncio.to_thread(ensure_provenance_field, self.client)
+        if mime is None:  # a trigger without payload.type: ask Directus
+            row = await asyncio.to_thread(self.client.files_by_id, [key], ["type"])
+            if key not in row:
+                raise DirectusNotFoundError(f"file {key} does not exist", code="NOT_FOUND")
+            mime = row[key].get("type") or ""
+            if not mime.startswith("image/"):
+                log.info("directus file %s skipped: not an image (%s)", key, mime or "no type")
+                return
+        data = await asyncio.to_thread(self.client.download, key, max_bytes=self.settings.max_bytes)
+        tagger, tags = await self._predict(data)
+        stamp = provenance_stamp(tagger, "flow")
+        plan = await asyncio.to_thread(retag_file, self.client, key, tags, stamp)
+        log.info("directus file %s tagged: %s", key, ", ".join(plan.provenance["tags"]) or "(no tags)")
+
+    async def _predict(self, data: bytes) -> tuple[Any, list]:
+        """The server's model: its shared batcher when it has a Service, else a Tagger on app.state."""
+        s = self.settings
+        service = getattr(self.app.state, "service", None)
+        if service is not None:
+            entry = service.default
+            values = await service.values(entry, data=data)
+            return entry.tagger, entry.tagger.pick(values, max_concepts=s.max_concepts, min_value=s.min_value)
+        tagger = self.app.state.tagger
+
+        def run() -> list:
+            img = decode(data, max_pixels=s.max_pixels, max_bytes=s.max_bytes)
+            return tagger.tag([img], max_concepts=s.max_concepts, min_value=s.min_value)[0]
+
+        return tagger, await asyncio.to_thread(run)
+
+
+def _flow_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _secret_matches(given: str, expected: str) -> bool:
+    """Constant time in the secret's content and length (both are hashed first)."""
+    a = hashlib.sha256(given.encode()).digest()
+    b = hashlib.sha256(expected.encode()).digest()
+    return hmac.compare_digest(a, b)
+
+
+@router.post(FLOW_PATH, status_code=202)
+async def directus_flow(request: Request) -> JSONResponse:
+    """Queue the uploaded file of a Directus `files.upload` event for tagging (202), or say why not."""
+    settings = request.app.state.settings
+    if not (settings.flow_secret and settings.directus_url and settings.directus_token):
+        return _flow_error(503, "the Directus flow endpoint is off: set LOCALTAG_FLOW_SECRET, "
+                           "LOCALTAG_DIRECTUS_URL and LOCALTAG_DIRECTUS_TOKEN")
+    if not _secret_matches(request.headers.get(SECRET_HEADER, ""), settings.flow_secret.get_secret_value()):
+        return _flow_error(401, f"missing or wrong {SECRET_HEADER} header")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FLOW_BODY:
+            return _flow_error(413, f"the body is over {MAX_FLOW_BODY} bytes")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _flow_error(400, f"malformed JSON: {e}")
+    trigger = doc.get("trigger", doc) if isinstance(doc, dict) else None
+    if not isinstance(trigger, dict):
+        return _flow_error(400, 'expected {"trigger": {{$trigger}}} from a Directus flow')
+    if trigger.get("collection", "directus_files") != "directus_files":
+        return _flow_error(400, f"not a file event (collection {trigger.get('collection')!r})")
+    keys = trigger.get("keys") if isinstance(trigger.get("keys"), list) else [trigger.get("key")]
+    keys = [k for k in keys if isinstance(k, str) and k]
+    if not keys:
+        return _flow_error(400, "the trigger has no file key")
+    payload = trigger.get("payload") if isinstance(trigger.get("payload"), dict) else {}
+    mime = payload.get("type") if isinstance(payload.get("type"), str) else None
+    if mime is not None and not mime.startswith("image/"):
+        return JSONResponse({"skipped": keys, "reason": f"not an image ({mime})"}, status_code=200)
+    worker = getattr(request.app.state, "directus_flow", None)
+    if worker is None:
+        worker = request.app.state.directus_flow = FlowWorker(request.app, settings)
+    if len(worker.tasks) + len(keys) > settings.max_queue:
+        return JSONResponse({"error": "too many files waiting to be tagged; retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+    for key in keys:
+        worker.submit(key, mime)
+    return JSONResponse({"queued": keys}, status_code=202)

@@ -1,0 +1,186 @@
+"""``localtag directus install-flow | uninstall-flow | sync``.
+
+The Directus URL and token come from ``--directus-url`` / ``--token`` or ``LOCALTAG_DIRECTUS_URL`` /
+``LOCALTAG_DIRECTUS_TOKEN`` (the environment keeps the token out of ``ps``); the flow secret from
+``--secret`` or ``LOCALTAG_FLOW_SECRET``. No secret is ever logged or printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+from . import cli
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLOW_NAME = "localtag: tag uploaded images"
+
+
+def _connect(args: argparse.Namespace):
+    from .directus import DirectusClient
+
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per request
+    settings = cli.settings_from(args)
+    if not settings.directus_url:
+        raise ValueError("give --directus-url or set LOCALTAG_DIRECTUS_URL")
+    if settings.directus_token is None:
+        raise ValueError("give --token or set LOCALTAG_DIRECTUS_TOKEN (a Directus static token)")
+    return settings, DirectusClient(settings.directus_url, settings.directus_token.get_secret_value())
+
+
+def flow_url(localtag_url: str) -> str:
+    """localtag's base URL gets the flow path; a URL with a path is used as it is."""
+    from .directus import FLOW_PATH
+
+    parts = urlsplit(localtag_url)
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"--localtag-url must be an http(s) URL, not {localtag_url!r}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=FLOW_PATH)
+    return urlunsplit(parts)
+
+
+def cmd_install_flow(args: argparse.Namespace) -> int:
+    from .directus import DirectusError, ensure_provenance_field
+
+    settings, client = _connect(args)
+    if settings.flow_secret is None or not settings.flow_secret.get_secret_value():
+        raise ValueError("give --secret or set LOCALTAG_FLOW_SECRET (the server must use the same one)")
+    url = flow_url(args.localtag_url)
+    with client:
+        try:
+            had_field = ensure_provenance_field(client, create=False)
+            if not had_field:
+                ensure_provenance_field(client)
+            flow_id = client.install_flow(args.name, url, settings.flow_secret.get_secret_value())
+        except DirectusError as e:
+            log.error("%s", e)
+            return 2
+    print(json.dumps({"flow": flow_id, "name": args.name, "url": url,
+                      "provenance_field": "exists" if had_field else "created"}))
+    if _is_local(urlsplit(url).hostname or ""):
+        log.warning("%s is a local address: Directus's flows refuse it unless its IMPORT_IP_DENY_LIST leaves it "
+                    "out (e.g. IMPORT_IP_DENY_LIST=169.254.169.254; the default 0.0.0.0 means every local "
+                    "interface)", urlsplit(url).hostname)
+    log.info("flow %r sends every upload to %s; the server needs LOCALTAG_DIRECTUS_URL, "
+             "LOCALTAG_DIRECTUS_TOKEN and the same LOCALTAG_FLOW_SECRET", args.name, url)
+    return 0
+
+
+def _is_local(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addrs)
+
+
+def cmd_uninstall_flow(args: argparse.Namespace) -> int:
+    from .directus import DirectusError
+
+    _, client = _connect(args)
+    with client:
+        try:
+            removed = client.uninstall_flow(args.name)
+        except DirectusError as e:
+            log.error("%s", e)
+            return 2
+    print(json.dumps({"name": args.name, "removed": removed}))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .sync import SyncOptions, run_sync
+    from .tagger import Tagger
+
+    settings, client = _connect(args)
+    filt = None
+    if args.filter:
+        try:
+            filt = json.loads(args.filter)
+        except ValueError as e:
+            raise ValueError(f"--filter is not JSON: {e}") from None
+        if not isinstance(filt, dict):
+            raise ValueError("--filter must be a JSON object (a Directus filter on directus_files)")
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    options = SyncOptions(filter=filt, retag=args.retag, dry_run=args.dry_run, concurrency=args.concurrency,
+                          rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value)
+    tagger = Tagger.load(settings)
+    cache = None
+    if settings.embedding_cache:
+        try:
+            from .cache import open_for
+        except ImportError:
+            open_for = None
+        cache = open_for(settings, tagger) if open_for else None
+    bar = cli.progress(None, None, args.progress, "directus sync", unit="file")
+    with client, bar:
+        summary = run_sync(client, tagger, settings, options, progress=bar, cache=cache)
+    print(json.dumps(summary.to_json()))
+    print(summary.text(), file=sys.stderr)
+    if summary.interrupted:
+        return 130
+    if summary.stopped:
+        return 2
+    return 1 if summary.failed else 0
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--directus-url", dest="directus_url", help="Directus base URL (env LOCALTAG_DIRECTUS_URL)")
+    p.add_argument("--token", dest="directus_token",
+                   help="Directus static token (better: env LOCALTAG_DIRECTUS_TOKEN, kept out of `ps`)")
+
+
+@cli.extension
+def _register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("directus", help="tag Directus files: a flow for uploads, a sync for the whole library")
+    ds = d.add_subparsers(dest="directus_cmd", required=True)
+
+    i = ds.add_parser("install-flow", help="create (or update in place) the flow that sends uploads to localtag")
+    _connection_flags(i)
+    i.add_argument("--localtag-url", required=True,
+                   help="localtag's URL as Directus reaches it, e.g. http://127.0.0.1:8080 (the flow posts to "
+                   "/directus/flow there)")
+    i.add_argument("--secret", dest="flow_secret", help="shared secret for the X-Localtag-Secret header "
+                   "(better: env LOCALTAG_FLOW_SECRET; `localtag serve` must have the same)")
+    i.add_argument("--name", default=DEFAULT_FLOW_NAME, help=f"flow name (default {DEFAULT_FLOW_NAME!r})")
+    i.set_defaults(func=cmd_install_flow)
+
+    u = ds.add_parser("uninstall-flow", help="delete the flow and its operations")
+    _connection_flags(u)
+    u.add_argument("--name", default=DEFAULT_FLOW_NAME)
+    u.set_defaults(func=cmd_uninstall_flow)
+
+    s = ds.add_parser("sync", help="tag every image in directus_files (resumable; a person's tags stay)",
+                      description="Walk the images of directus_files, tag those localtag has not tagged yet "
+                      "(all of them with --retag) and write the tags back. A person's tags are never removed; "
+                      "localtag's own are recorded in the directus_files.localtag field, which this command "
+                      "creates. Stop it at any time: running it again continues. Prints a JSON summary on "
+                      "stdout; exit status 0, 1 when a file failed, 2 when the run was stopped (token refused, "
+                      "Directus unreachable), 130 on Ctrl-C.")
+    _connection_flags(s)
+    s.add_argument("--filter", help='a Directus filter (JSON) on directus_files, e.g. \'{"folder":{"_eq":"…"}}\'')
+    s.add_argument("--retag", action="store_true", help="also re-tag files localtag tagged before, replacing "
+                   "only localtag's own tags")
+    s.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="download and tag, log what would change, write nothing")
+    s.add_argument("--concurrency", type=int, default=8, help="downloads at once (default 8)")
+    s.add_argument("--rendition", type=int, metavar="PIXELS",
+                   help="download Directus's JPEG rendition with this short side instead of the original "
+                   "(e.g. 448; see README for when it pays)")
+    s.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image")
+    s.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: on a TTY)")
+    s.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the embedding cache, so --retag after a vocabulary change skips the image model")
+    cli.add_model_flags(s)
+    s.set_defaults(func=cmd_sync)

@@ -1,0 +1,366 @@
+"""``localtag directus sync``: tag every image of a Directus library, resumably.
+
+The walk: files matching the filter that are not images are counted as skipped; images already carrying
+a provenance record (``directus_files.localtag``) are counted as done and skipped unless ``retag``; the
+rest are read page by page (:meth:`DirectusClient.iter_files`), downloaded concurrently (the pipeline's
+fetch threads; optionally Directus's own resized rendition), decoded and embedded in batches by
+:class:`~localtag.pipeline.Pipeline`, scored, and written back batch by batch: the batch's current tags
+and records are read again just before writing, merged by :func:`~localtag.directus.plan_tags` and
+stored one PATCH per file (tags and record together, see the provenance notes in
+:mod:`localtag.directus`).
+
+Resuming needs no state of its own: a file is done exactly when Directus holds its record, so a run
+stopped at any point (Ctrl-C, a crash, Directus going away) is continued by running it again. A file
+that fails (download, decode) is recorded in the summary and tried again by the next run. 401/403 and
+an unreachable Directus stop the run with a message that never holds the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .directus import (
+    PROVENANCE_FIELD,
+    DirectusAuthError,
+    DirectusClient,
+    DirectusError,
+    DirectusNotFoundError,
+    TagPlan,
+    TagsFieldError,
+    ensure_provenance_field,
+    is_transient,
+    plan_tags,
+    provenance_stamp,
+    write_plan,
+)
+from .images import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, ImageError
+from .pipeline import Job, Pipeline
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_FAILURES = 100
+WRITERS = 4  # PATCHes at once
+NOT_IMAGES = {"_or": [{"type": {"_null": True}}, {"type": {"_nstarts_with": "image/"}}]}
+
+
+@dataclass
+class SyncOptions:
+    filter: dict | None = None  # a Directus filter on directus_files, ANDed with "is an image"
+    retag: bool = False  # also files localtag tagged before (replacing only localtag's own tags)
+    dry_run: bool = False  # download and tag, write nothing (not even the provenance field)
+    concurrency: int = 8  # downloads at once
+    rendition: int | None = None  # download Directus's rendition whose short side is this many pixels
+    max_concepts: int | None = None  # default: settings.max_concepts
+    min_value: float | None = None  # default: settings.min_value
+    page_size: int = 100
+
+
+@dataclass
+class Summary:
+    run: str
+    dry_run: bool = False
+    retag: bool = False
+    total: int = 0
+    tagged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    skipped_reasons: Counter = field(default_factory=Counter)
+    failed_reasons: Counter = field(default_factory=Counter)
+    failures: list[dict] = field(default_factory=list)
+    walked: int = 0  # files downloaded or looked at in this run (the rest were counted up front)
+    stopped: str | None = None  # why the run ended early (auth, Directus unreachable)
+    interrupted: bool = False
+    elapsed_s: float = 0.0
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.skipped += n
+            self.skipped_reasons[reason] += n
+
+    def fail(self, row: dict, kind: str, message: str) -> None:
+        self.failed += 1
+        self.failed_reasons[kind] += 1
+        name = row.get("filename_download")
+        log.warning("directus file %s (%s) failed: %s: %s", row["id"], name, kind, message)
+        if len(self.failures) < MAX_LISTED_FAILURES:
+            self.failures.append({"id": row["id"], "filename": name, "reason": kind, "message": message})
+
+    @property
+    def complete(self) -> bool:
+        return not (self.stopped or self.interrupted)
+
+    def to_json(self) -> dict[str, Any]:
+        done = self.tagged + self.skipped + self.failed
+        return {
+            "run": self.run,
+            "dry_run": self.dry_run,
+            "retag": self.retag,
+            "total": self.total,
+            "tagged": self.tagged,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "not_reached": max(0, self.total - done),
+            "skipped_reasons": dict(self.skipped_reasons),
+            "failed_reasons": dict(self.failed_reasons),
+            "failures": self.failures,
+            "complete": self.complete,
+            "stopped": self.stopped,
+            "interrupted": self.interrupted,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "files_per_s": round(self.walked / self.elapsed_s, 2) if self.elapsed_s > 0 else None,
+        }
+
+    def text(self) -> str:
+        def reasons(c: Counter) -> str:
+            return f" ({', '.join(f'{k}: {n}' for k, n in c.most_common())})" if c else ""
+
+        verb = "would tag" if self.dry_run else "tagged"
+        lines = [f"{verb} {self.tagged}, skipped {self.skipped}{reasons(self.skipped_reasons)}, "
+                 f"failed {self.failed}{reasons(self.failed_reasons)} of {self.total} files "
+                 f"in {self.elapsed_s:.1f} s ({self.walked / max(self.elapsed_s, 1e-9):.1f} files/s)"]
+        lines += [f"  failed: {f['id']} ({f['filename']}): {f['reason']}: {f['message']}" for f in self.failures[:20]]
+        if self.stopped:
+            lines.append(f"STOPPED: {self.stopped}")
+        if self.interrupted:
+            lines.append("INTERRUPTED")
+        if not self.complete:
+            lines.append("Nothing was lost: run the same command again to continue.")
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    """Set by a fetch thread when the run cannot go on (auth refused, Directus unreachable)."""
+
+
+@dataclass
+class _Fetcher:
+    """Downloads for the pipeline's fetch threads; sorts per-file failures from run-stopping ones."""
+
+    client: DirectusClient
+    rendition: int | None
+    max_bytes: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_error: DirectusError | None = None
+    gone: set[str] = field(default_factory=set)
+
+    def __call__(self, file_id: str) -> bytes:
+        if self.stop.is_set():
+            raise _Stop("the run is stopping")
+        try:
+            if self.rendition:
+                try:
+                    return self.client.download(file_id, width=self.rendition, height=self.rendition,
+                                                fit="outside", max_bytes=self.max_bytes, retries=1)
+                except DirectusAuthError:
+                    raise
+                except DirectusError as e:
+                    # Directus could not make it: 400 for a file it cannot resize, 500 when sharp fails
+                    # on a broken image. The original tells (and the pipeline says what is wrong with it).
+                    log.debug("rendition of %s failed (%s); downloading the original", file_id, e)
+            return self.client.download(file_id, max_bytes=self.max_bytes)
+        except DirectusAuthError as e:
+            # Directus also answers 403 for a file deleted since the walk began: a listing tells them apart
+            try:
+                exists = bool(self.client.files_by_id([file_id], ["id"]))
+            except DirectusError as probe:
+                self._halt(probe)
+                raise
+            if not exists:
+                self.gone.add(file_id)
+                raise ImageError(NOT_FOUND, "deleted during the run") from None
+            raise ImageError(FETCH_FAILED, f"Directus refused the file's content: {e}") from None
+        except DirectusError as e:
+            if e.code == "TOO_LARGE":
+                raise ImageError(TOO_MANY_BYTES, str(e)) from None
+            if is_transient(e) and not self.client.ping():
+                self._halt(e)
+            raise
+
+    def _halt(self, error: DirectusError) -> None:
+        if self.stop_error is None:
+            self.stop_error = error
+        self.stop.set()
+
+
+def run_sync(
+    client: DirectusClient,
+    tagger: Any,
+    settings: Any,
+    options: SyncOptions | None = None,
+    *,
+    progress: Any = None,
+    on_file: Callable[[str, str], None] | None = None,
+    cache: Any = None,
+) -> Summary:
+    """Tag the library; never raises for Directus or per-file trouble: the summary says what happened.
+
+    ``progress``: a tqdm-like bar (``total`` and ``update``). ``on_file(file_id, outcome)`` is called
+    after each file with "tagged", "skipped" or "failed" (tests use it to pull the plug mid-run).
+    """
+    options = options or SyncOptions()
+    summary = Summary(run=uuid.uuid4().hex[:12], dry_run=options.dry_run, retag=options.retag)
+    start = time.monotonic()
+    try:
+        _Sync(client, tagger, settings, options, summary, progress, on_file, cache).run()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    except DirectusAuthError as e:
+        summary.stopped = f"Directus refused the token: {e}"
+    except DirectusError as e:
+        summary.stopped = f"Directus is unavailable: {e}"
+    finally:
+        summary.elapsed_s = time.monotonic() - start
+    if summary.stopped:
+        log.error("%s", summary.stopped)
+    return summary
+
+
+class _Sync:
+    def __init__(self, client, tagger, settings, options: SyncOptions, summary: Summary, bar, on_file, cache):
+        self.client = client
+        self.tagger = tagger
+        self.settings = settings
+        self.options = options
+        self.summary = summary
+        self.bar = bar
+        self.on_file = on_file
+        self.cache = cache
+        self.max_concepts = settings.max_concepts if options.max_concepts is None else options.max_concepts
+        self.min_value = settings.min_value if options.min_value is None else options.min_value
+        self.fetch = _Fetcher(client, options.rendition, settings.max_bytes)
+        self.stamp = provenance_stamp(tagger, summary.run)
+        self.has_field = False
+        self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="localtag-directus-write")
+
+    def _outcome(self, file_id: str, outcome: str) -> None:
+        self.summary.walked += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.on_file is not None:
+            self.on_file(file_id, outcome)
+
+    def run(self) -> None:
+        opts, s = self.options, self.summary
+        self.has_field = ensure_provenance_field(self.client, create=not opts.dry_run)
+        base = [opts.filter] if opts.filter else []
+        others = self.client.count_files({"_and": [*base, NOT_IMAGES]}, images_only=False)
+        s.skip("not an image", others)
+        walk = list(base)
+        if self.has_field and not opts.retag:
+            s.skip("already tagged", self.client.count_files({"_and": [*base, {PROVENANCE_FIELD: {"_nnull": True}}]}))
+            walk.append({PROVENANCE_FIELD: {"_null": True}})
+        todo = self.client.count_files({"_and": walk} if walk else None)
+        s.total = s.skipped + todo
+        if self.bar is not None:
+            self.bar.total = todo
+            self.bar.refresh()
+        pipe = Pipeline(self.tagger, batch_size=self.settings.batch_size, workers=self.settings.workers,
+                        max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes,
+                        fast=self.settings.fast_decode, cache=self.cache, fetchers=max(1, opts.concurrency))
+        chunk = max(1, pipe.batch_size)
+        results = pipe.run(self._jobs({"_and": walk} if walk else None))
+        with contextlib.closing(results), self.writers:
+            batch = []
+            for r in results:
+                if self.fetch.stop.is_set():
+                    break
+                batch.append(r)
+                if len(batch) >= chunk:
+                    self._write(batch)
+                    batch = []
+            if not self.fetch.stop.is_set():
+                self._write(batch)
+        if self.fetch.stop_error is not None:
+            raise self.fetch.stop_error
+
+    def _jobs(self, walk: dict | None) -> Iterator[Job]:
+        for row in self.client.iter_files(walk, self.options.page_size, ["id", "tags", "filename_download"]):
+            if self.fetch.stop.is_set():
+                return
+            tags = row.get("tags")
+            if tags is not None and not isinstance(tags, list):
+                self.summary.skip("tags field is not a list")
+                log.warning("directus file %s (%s) skipped: its tags field holds a JSON %s, not a list; left "
+                            "as it is", row["id"], row.get("filename_download"), type(tags).__name__)
+                self._outcome(row["id"], "skipped")
+                continue
+            yield Job(row["id"], lambda file_id=row["id"]: self.fetch(file_id), meta=row)
+
+    def _write(self, batch: list) -> None:
+        """Score a batch, re-read its files' tags and records, and write each (or say what it would do)."""
+        s = self.summary
+        ok = [r for r in batch if r.ok]
+        for r in batch:
+            if r.ok:
+                continue
+            if r.job.key in self.fetch.gone:
+                s.skip("deleted during the run")
+                self._outcome(r.job.key, "skipped")
+            else:
+                s.fail(r.job.meta, r.error.kind, r.error.message)
+                self._outcome(r.job.key, "failed")
+        if not ok:
+            return
+        values = self.tagger.scores(np.stack([r.embedding for r in ok]))
+        fields = ["tags", PROVENANCE_FIELD] if self.has_field else ["tags"]
+        current = self.client.files_by_id([r.job.key for r in ok], fields)
+        plans = [(r.job, self._plan(r.job, current.get(r.job.key), v)) for r, v in zip(ok, values, strict=True)]
+        plans = [(job, plan) for job, plan in plans if plan is not None]
+        if self.options.dry_run:
+            for job, plan in plans:
+                log.info("would tag %s (%s): +%s -%s", job.key, job.meta.get("filename_download"),
+                         ",".join(plan.added) or "nothing", ",".join(plan.removed) or "nothing")
+                s.tagged += 1
+                self._outcome(job.key, "tagged")
+            return
+        # one PATCH per file, a few at once; a run-stopping error is raised once the others are settled
+        futures = [(job, self.writers.submit(write_plan, self.client, job.key, plan)) for job, plan in plans]
+        fatal = None
+        for job, fut in futures:
+            try:
+                fut.result()
+            except DirectusNotFoundError:
+                s.skip("deleted during the run")
+                self._outcome(job.key, "skipped")
+                continue
+            except DirectusError as e:
+                if isinstance(e, DirectusAuthError) or is_transient(e) or e.code == "NO_PROVENANCE_FIELD":
+                    fatal = fatal or e
+                else:
+                    s.fail(job.meta, "write_refused", str(e))
+                    self._outcome(job.key, "failed")
+                continue
+            s.tagged += 1
+            self._outcome(job.key, "tagged")
+        if fatal is not None:
+            raise fatal
+
+    def _plan(self, job: Job, row: dict | None, values: np.ndarray) -> TagPlan | None:
+        """What to write for one file, or None (skipped: deleted, tagged meanwhile, tags not a list)."""
+        s, file_id = self.summary, job.key
+        reason = None
+        if row is None:
+            reason = "deleted during the run"
+        elif row.get(PROVENANCE_FIELD) is not None and not self.options.retag:
+            reason = "already tagged"  # by the flow, or another sync, while this one ran
+        else:
+            tags = self.tagger.pick(values, max_concepts=self.max_concepts, min_value=self.min_value)
+            try:
+                return plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), tags, self.stamp)
+            except TagsFieldError as e:
+                reason = "tags field is not a list"
+                log.warning("directus file %s skipped: %s", file_id, e)
+        s.skip(reason)
+        self._outcome(file_id, "skipped")
+        return None
