@@ -26,15 +26,14 @@ CONN_INVALID_REQUEST = 11102
 MODEL_DOES_NOT_EXIST = 21200
 MODEL_INVALID_ARGUMENT = 21202
 MODEL_TRAINED = 21100
-INPUT_DOWNLOAD_FAILED = 30002
-INPUT_FAILED = 30100
+INPUT_DOWNLOAD_FAILED = 30002  # INPUT_FAILED in the proto; Clarifai sends it for failed downloads
 INPUT_UNSUPPORTED_FORMAT = 30101
 INPUT_INVALID_ARGUMENT = 30104
 INPUT_OVER_LIMIT = 30105
 INPUT_INVALID_URL = 30106
 PREDICT_INVALID_REQUEST = 40001
 INTERNAL_SERVER_ISSUE = 98004
-SERVER_OVERLOADED = 98005
+MODEL_BUSY = 21354  # MODEL_BUSY_PLEASE_RETRY: the official SDK retries it
 
 DESCRIPTIONS = {
     SUCCESS: "Ok",
@@ -49,20 +48,19 @@ DESCRIPTIONS = {
     MODEL_INVALID_ARGUMENT: "Invalid model argument",
     MODEL_TRAINED: "Model is trained and ready for deployment",
     INPUT_DOWNLOAD_FAILED: "Download failed; check URL",
-    INPUT_FAILED: "Input failed",
     INPUT_UNSUPPORTED_FORMAT: "Input data format is not supported",
     INPUT_INVALID_ARGUMENT: "Invalid input argument",
     INPUT_OVER_LIMIT: "Input is over the size limit",
     INPUT_INVALID_URL: "Invalid URL",
     PREDICT_INVALID_REQUEST: "Invalid request",
     INTERNAL_SERVER_ISSUE: "Internal server issue",
-    SERVER_OVERLOADED: "Server is overloaded; retry later",
+    MODEL_BUSY: "Model is busy; please retry",
 }
 
 # how a failed image maps to an output status
 IMAGE_ERROR_CODES = {
     images.NOT_IMAGE: INPUT_UNSUPPORTED_FORMAT,
-    images.CORRUPT: INPUT_FAILED,
+    images.CORRUPT: INPUT_INVALID_ARGUMENT,
     images.TOO_MANY_PIXELS: INPUT_OVER_LIMIT,
     images.TOO_MANY_BYTES: INPUT_OVER_LIMIT,
     images.FETCH_FAILED: INPUT_DOWNLOAD_FAILED,
@@ -98,7 +96,7 @@ def status(code: int, description: str | None = None, details: str | None = None
 
 
 def image_error_status(err: images.ImageError) -> dict[str, Any]:
-    return status(IMAGE_ERROR_CODES.get(err.kind, INPUT_FAILED), details=err.message)
+    return status(IMAGE_ERROR_CODES.get(err.kind, INPUT_INVALID_ARGUMENT), details=err.message)
 
 
 def model_json(model_id: str = GENERAL_MODEL_ID, version_id: str = GENERAL_MODEL_VERSION,

@@ -7,8 +7,9 @@ Flags override by passing keyword arguments: ``Settings(**flags)`` wins over the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,10 @@ class Settings(BaseSettings):
     fast_decode: bool = False
 
     # batching
-    batch_size: int = 32
+    batch_size: int = 32  # <= 0: chosen automatically (32 on CPU, measured on CUDA)
     workers: int = 2
+    compile: bool = False  # torch.compile the image tower (CUDA batch runs)
+    embedding_cache: bool = True  # `tag`/`embed` keep image embeddings in cache_dir for `retag`
 
     # server
     host: str = "127.0.0.1"
@@ -63,11 +66,22 @@ class Settings(BaseSettings):
     max_redirects: int = 5
     batch_window_ms: float = 5.0
     max_queue: int = 512
+    max_request_bytes: int = 128_000_000
+    # more Clarifai model ids: {"id": ["model name or folder", "vocab file or null"]} (a bare string: model only)
+    model_ids: dict[str, tuple[str, Path | None]] = Field(default_factory=dict)
 
     # directus
     directus_url: str | None = None
     directus_token: SecretStr | None = None
     flow_secret: SecretStr | None = None
+
+    @field_validator("model_ids", mode="before")
+    @classmethod
+    def _model_id_pairs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: (p, None) if isinstance(p, str) else (p.get("model"), p.get("vocab")) if isinstance(p, dict)
+                    else p for k, p in v.items()}
+        return v
 
     def resolved_vocab(self, model_vocab: Path | None) -> Path:
         """The vocabulary to use: explicit setting, else the model's own, else the shipped default."""

@@ -72,7 +72,7 @@ def test_bad_inputs_fail_alone_and_exit_nonzero(fixture_model, coco_images, tmp_
     doc = json.loads(r.stdout)
     assert doc["status"]["code"] == 10010
     codes = [o["status"]["code"] for o in doc["outputs"]]
-    assert codes == [10000, 30101, 30100, 10000]
+    assert codes == [10000, 30101, 30104, 10000]
     assert doc["outputs"][1]["data"] == {} and "not a recognised image" in doc["outputs"][1]["status"]["details"]
     assert "b_text.jpg" in r.stderr and "2 of 4 inputs failed" in r.stderr
 

@@ -1,0 +1,119 @@
+"""Server under concurrency: 32 concurrent single-image clients vs offline batch throughput.
+
+Target: the server reaches ≥ 0.8× the offline throughput. One run, one model object, the same images:
+
+- offline: ``Pipeline.run`` over the image files (``--batch-size``) + scoring + picking, as ``localtag tag``;
+- server: ``localtag.server.create_app(settings, tagger)`` under uvicorn on 127.0.0.1 (a thread of this
+  process); ``--clients`` asyncio clients (httpx) each POST one image at a time (base64, Clarifai's
+  ``/v2/models/general-image-recognition/outputs``), back to back, until every image is done. The
+  clients run in the same process (their JSON and base64 work is small next to the model's).
+
+Offline runs before and after the server run; the ratio uses their mean. Model: random-init ViT-B-32.
+
+    .venv/bin/python bench/bench_server.py --arch ViT-B-32 --images 64 --clients 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+
+import _common as C
+
+
+def offline(tagger, files, bs: int) -> float:
+    from bench_throughput import score
+
+    from localtag.pipeline import Pipeline, walk
+
+    with C.Timer() as t:
+        n = score(tagger, Pipeline(tagger, batch_size=bs, workers=2).run(walk(files)))
+    assert n == len(files)
+    return C.rates(n, t)
+
+
+async def clients(url: str, payloads: list[bytes], n_clients: int) -> float:
+    import httpx
+
+    todo: asyncio.Queue = asyncio.Queue()
+    for p in payloads:
+        todo.put_nowait(p)
+    failures = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                body = todo.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            r = await http.post(url, content=body, headers={"content-type": "application/json"})
+            doc = r.json()
+            if r.status_code != 200 or doc["status"]["code"] != 10000 or not doc["outputs"][0]["data"]["concepts"]:
+                failures.append((r.status_code, doc.get("status")))
+
+    limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)
+    async with httpx.AsyncClient(limits=limits, timeout=600) as http:
+        with C.Timer() as t:
+            await asyncio.gather(*(client(http) for _ in range(n_clients)))
+    assert not failures, failures[:3]
+    return C.rates(len(payloads), t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    print(json.dumps(C.machine()), flush=True)
+
+    import uvicorn
+
+    from localtag.config import Settings
+    from localtag.server import create_app
+
+    root = C.random_store(args.arch)
+    tagger = C.load_tagger(root, f"{args.arch}-random", C.coco_vocab())
+    files = C.coco_files()[: args.images]
+    payloads = [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(f.read_bytes()).decode()}}}]})
+                .encode() for f in files]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(models_dir=root, model=f"{args.arch}-random", vocab=C.coco_vocab(), device="cpu",
+                        cache_dir=C.BENCH_DIR / "cache", host="127.0.0.1", port=port, batch_size=args.batch_size)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, tagger), host="127.0.0.1", port=port,
+                                           log_level="warning", loop="asyncio"))
+    thread = threading.Thread(target=server.run, daemon=True)
+
+    off1 = C.in_thread(offline, tagger, files, args.batch_size)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v2/models/general-image-recognition/outputs"
+    asyncio.run(clients(url, payloads[:4], 4))  # warm-up
+    srv = asyncio.run(clients(url, payloads, args.clients))
+    server.should_exit = True
+    thread.join(timeout=30)
+    off2 = C.in_thread(offline, tagger, files, args.batch_size)
+    rows = []
+    for key, what in (("est", "dedicated-machine estimate (cores / CPU-s per image)"), ("wall", "wall clock")):
+        off = (off1[key] + off2[key]) / 2
+        rows.append({"measure": what, "model (random init)": args.arch, "images": f"COCO ×{len(files)}",
+                     "batch": args.batch_size, "offline img/s": f"{off:.2f} ({off1[key]:.2f}/{off2[key]:.2f})",
+                     f"server, {args.clients} clients img/s": f"{srv[key]:.2f}",
+                     "server ÷ offline": f"{srv[key] / off:.2f}"})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\npeak RSS {C.rss_mb()[1]:.0f} MB; the server's CPU seconds include the 32 clients' own work")
+    print(C.md_table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
