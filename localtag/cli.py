@@ -34,6 +34,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=dest, **{"default": None, **kwargs})
 
 
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Output format and concept selection of ``tag`` and ``retag``."""
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="Clarifai JSON ({outputs: [...], status})")
+    fmt.add_argument("--jsonl", action="store_true", help="one Clarifai output per line")
+    p.add_argument("--max-concepts", dest="max_concepts", type=int)
+    p.add_argument("--min-value", dest="min_value", type=float)
+    p.add_argument("--select", nargs="+", help="report only these concept names or ids")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+
 def settings_from(args: argparse.Namespace, **extra: Any):
     """CLI flags (those given) > env ``LOCALTAG_*`` > defaults."""
     from .config import Settings
@@ -59,14 +70,25 @@ def _load_tagger(settings):
 
 # -- tag -------------------------------------------------------------------------------------------
 def cmd_tag(args: argparse.Namespace) -> int:
-    from . import clarifai
+    from .cache import open_for
     from .pipeline import Pipeline, walk
 
     settings = settings_from(args)
     tagger = _load_tagger(settings)
+    total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat on huge folders
+    results = Pipeline.from_settings(tagger, settings, cache=open_for(settings, tagger)).run(walk(args.paths))
+    return write_tags(args, settings, tagger, results, total, chunk=max(1, settings.batch_size))
+
+
+def write_tags(args: argparse.Namespace, settings, tagger, results: Iterable, total: int,
+               desc: str = "tagging", chunk: int = 512) -> int:
+    """Score embedded results (``chunk`` at a time) and write them as text, Clarifai JSON or JSONL.
+
+    ``tag`` and ``retag`` share it; exit status 1 when any input failed (or there were none).
+    """
+    from . import clarifai
+
     select = tagger.select_indices(args.select) if args.select else None
-    jobs = list(walk(args.paths))
-    results = Pipeline.from_settings(tagger, settings).run(jobs)
     model = clarifai.model_json(tagger.info.name, tagger.info.sha256[:32], name=tagger.info.name,
                                 app_id="localtag", user_id="localtag")
     failed = 0
@@ -74,13 +96,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     first = True
     if args.json:
         out.write('{"outputs": [')
-    for r in progress(results, len(jobs), args.progress, "tagging"):
-        tags = None
-        if r.ok:
-            values = tagger.scores(r.embedding[None])[0]
-            tags = tagger.pick(values, max_concepts=settings.max_concepts, min_value=settings.min_value,
-                               select=select)
-        else:
+    for r, tags in _scored(tagger, progress(results, total, args.progress, desc), settings, select, chunk):
+        if not r.ok:
             failed += 1
             log.error("%s: %s", r.job.key, r.error.message)
         if args.json or args.jsonl:
@@ -97,24 +114,41 @@ def cmd_tag(args: argparse.Namespace) -> int:
             out.write(f"{r.job.key}\t{text}\n")
         out.flush()
     if args.json:
-        code = clarifai.SUCCESS if not failed else (clarifai.FAILURE if failed == len(jobs) else clarifai.MIXED_STATUS)
+        code = clarifai.SUCCESS if not failed else (clarifai.FAILURE if failed == total else clarifai.MIXED_STATUS)
         out.write("\n], \"status\": " + json.dumps(clarifai.status(code, req_id=clarifai.new_id())) + "}\n")
     if failed:
-        log.error("%d of %d inputs failed", failed, len(jobs))
-    return 1 if failed or not jobs else 0
+        log.error("%d of %d inputs failed", failed, total)
+    return 1 if failed or not total else 0
+
+
+def _scored(tagger, results: Iterable, settings, select, chunk: int):
+    """``(result, tags or None)`` in order; one matrix product per ``chunk`` results."""
+    import numpy as np
+
+    from .pipeline import chunks
+
+    for buf in chunks(results, chunk):
+        ok = [r.embedding for r in buf if r.ok]
+        values = iter(tagger.scores(np.stack(ok)) if ok else ())
+        for r in buf:
+            tags = tagger.pick(next(values), max_concepts=settings.max_concepts, min_value=settings.min_value,
+                               select=select) if r.ok else None
+            yield r, tags
 
 
 # -- embed -----------------------------------------------------------------------------------------
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .cache import open_for
     from .pipeline import Pipeline, walk
 
     settings = settings_from(args)
     tagger = _load_tagger(settings)
     jobs = list(walk(args.paths))
     rows, keys, failed = [], [], 0
-    for r in progress(Pipeline.from_settings(tagger, settings).run(jobs), len(jobs), args.progress, "embedding"):
+    pipe = Pipeline.from_settings(tagger, settings, cache=open_for(settings, tagger))
+    for r in progress(pipe.run(jobs), len(jobs), args.progress, "embedding"):
         if r.ok:
             rows.append(r.embedding.astype(np.float32))
             keys.append(r.job.key)
@@ -188,10 +222,60 @@ def cmd_vocab_check(args: argparse.Namespace) -> int:
     from .config import REPO_ROOT
 
     path = args.file or REPO_ROOT / "vocab.txt"
-    v = vocab_mod.load(path)
-    with_parents = sum(bool(c.parents) for c in v)
-    print(f"{path}: {len(v)} concepts, {sum(len(c.synonyms) for c in v)} synonyms, "
-          f"{with_parents} with parents, {sum(c.threshold is not None for c in v)} with thresholds: ok")
+    concepts, problems = vocab_mod.check(path)
+    errors = [p for p in problems if p.error]
+    if args.json:
+        print(json.dumps({"file": str(path), "concepts": len(concepts), "ok": not errors,
+                          "problems": [{"line": p.line, "kind": p.kind, "message": p.message, "error": p.error}
+                                       for p in problems]}, indent=1))
+        return 1 if errors else 0
+    for p in problems:
+        print(p)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(_count(p.kind for p in errors).items()))
+    print(f"{path}: {len(concepts)} concepts, {sum(len(c.synonyms) for c in concepts)} synonyms, "
+          f"{sum(bool(c.parents) for c in concepts)} with parents, "
+          f"{sum(c.threshold is not None for c in concepts)} with thresholds, "
+          f"{sum(bool(c.exclusive) for c in concepts)} with exclusions, {sum(c.hidden for c in concepts)} hidden, "
+          f"languages {sorted({k for c in concepts for k in c.names}) or 'none'}: "
+          + (f"{len(errors)} errors ({kinds})" if errors else "ok")
+          + (f", {len(problems) - len(errors)} warnings" if len(problems) > len(errors) else ""))
+    return 1 if errors else 0
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in items:
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def cmd_vocab_build(args: argparse.Namespace) -> int:
+    from . import vocab as vocab_mod
+
+    base = vocab_mod.load(args.base) if args.base else None
+    parents = {}
+    for f in args.parents or []:
+        for child, ps in vocab_mod.read_parents(f).items():
+            parents.setdefault(child, []).extend(ps)
+    sources = [vocab_mod.read_label_list(f) for f in args.inputs]
+    concepts = vocab_mod.compose(sources, parents=parents, base=base)
+    header = [f"# built by `localtag vocab build` from {', '.join(str(f) for f in args.inputs)}"
+              + (f" and parents {', '.join(str(f) for f in args.parents)}" if args.parents else ""),
+              f"# {len(concepts)} concepts"]
+    text = "\n".join([*header, *(vocab_mod.format_line(c) for c in concepts)]) + "\n"
+    _, problems = vocab_mod.check_text(text, str(args.output or "<output>"))
+    for p in problems:
+        print(p, file=sys.stderr)
+    if any(p.error for p in problems):
+        log.error("the composed vocabulary has problems (above); nothing written")
+        return 1
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(text)
+    else:
+        if args.output.exists() and not args.force:
+            raise ValueError(f"{args.output} exists; pass --force to overwrite")
+        args.output.write_text(text, encoding="utf-8")
+        log.info("wrote %d concepts to %s", len(concepts), args.output)
     return 0
 
 
@@ -213,13 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tag", help="tag image files and folders")
     t.add_argument("paths", nargs="+")
-    fmt = t.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="Clarifai JSON ({outputs: [...], status})")
-    fmt.add_argument("--jsonl", action="store_true", help="one Clarifai output per line")
-    t.add_argument("--max-concepts", dest="max_concepts", type=int)
-    t.add_argument("--min-value", dest="min_value", type=float)
-    t.add_argument("--select", nargs="+", help="report only these concept names or ids")
-    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_output_flags(t)
+    t.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep image embeddings in the cache folder for `retag` (default on)")
     add_model_flags(t)
     t.set_defaults(func=cmd_tag)
 
@@ -227,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("paths", nargs="+")
     e.add_argument("--output", "-o", required=True)
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="use and fill the embedding cache (default on)")
     add_model_flags(e)
     e.set_defaults(func=cmd_embed)
 
@@ -255,9 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn)
 
     v = sub.add_parser("vocab", help="vocabulary tools").add_subparsers(dest="vocab_cmd", required=True)
-    vc = v.add_parser("check", help="parse a vocabulary and report problems")
+    vc = v.add_parser("check", help="report every problem of a vocabulary (duplicates, id collisions, "
+                      "parent cycles, unknown references, empty prompts)")
     vc.add_argument("file", nargs="?", type=Path)
+    vc.add_argument("--json", action="store_true")
     vc.set_defaults(func=cmd_vocab_check)
+    vb = v.add_parser("build", help="compose a vocabulary from label lists",
+                      description="Merge label lists into a vocabulary: text files (one name, or one vocab.txt "
+                      "line, per line) or CSV files (a name/label column, optional synonyms, parents and lang.XX "
+                      "columns; an eval labels file gives its labels). Names are deduplicated case-insensitively "
+                      "and across synonyms; parents named but missing become concepts.")
+    vb.add_argument("inputs", nargs="+", type=Path, help="label lists (.txt or .csv)")
+    vb.add_argument("--parents", action="append", type=Path,
+                    help="'child: parent, parent' per line (or CSV child,parent); repeatable")
+    vb.add_argument("--base", type=Path, help="an existing vocabulary to extend (its lines and ids come first)")
+    vb.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    vb.add_argument("--force", action="store_true", help="overwrite --output")
+    vb.set_defaults(func=cmd_vocab_build)
 
     for ext in _EXTENSIONS:
         ext(sub)
