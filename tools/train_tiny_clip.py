@@ -50,12 +50,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-import open_clip
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models" / "cifar10-tiny"
@@ -173,8 +172,8 @@ def augment(padded: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> to
 @torch.no_grad()
 def text_classifier(model, tokens: torch.Tensor) -> torch.Tensor:
     """tokens (C, T, L) -> (D, C): normalise each template embedding, mean, renormalise."""
-    c, t, l = tokens.shape
-    emb = model.encode_text(tokens.view(c * t, l), normalize=True).view(c, t, -1).mean(1)
+    c, t, length = tokens.shape
+    emb = model.encode_text(tokens.view(c * t, length), normalize=True).view(c, t, -1).mean(1)
     return F.normalize(emb, dim=-1).T
 
 

@@ -154,7 +154,7 @@ class Concept:
 
 class Vocab:
     def __init__(self):
-        self.concepts: "OrderedDict[str, Concept]" = OrderedDict()
+        self.concepts: OrderedDict[str, Concept] = OrderedDict()
         self.alias: dict[str, str] = {}  # name or synonym -> canonical name
 
     def _check_name(self, name: str, where: str):
@@ -446,7 +446,7 @@ def check_file(path: str, fresh: str | None) -> int:
     syn_of: dict[str, str] = {}
     parents: dict[str, list[str]] = {}
     section = None
-    section_counts: "OrderedDict[str, int]" = OrderedDict()
+    section_counts: OrderedDict[str, int] = OrderedDict()
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
