@@ -3,7 +3,7 @@
 (single-label) and COCO128 (multi-label): top-1 before/after calibration, mAP, calibration error.
 
     .venv/bin/python bench/quality.py [--work /tmp/localtag-quality] [--cifar-per-class 0]
-                                      [--vit-cifar-per-class 200] [--out bench/quality.md]
+                                      [--vit-cifar-per-class 0] [--out bench/quality.md]
 
 Everything runs through the CLI (the commands are written into the report). Calibration files go to
 copies of the vocabularies under --work, never into the repository. ``localtag calibrate --holdout 0.5``
@@ -101,7 +101,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/localtag-quality"))
     ap.add_argument("--fixture", default=str(REPO / "models" / "cifar10-tiny"))
     ap.add_argument("--cifar-per-class", type=int, default=0, help="CIFAR-10 test images per class (0: all 1000)")
-    ap.add_argument("--vit-cifar-per-class", type=int, default=200,
+    ap.add_argument("--vit-cifar-per-class", type=int, default=0,
                     help="CIFAR-10 test images per class for the ViT-B-32 floor (CPU time)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "quality.md")
     args = ap.parse_args()
@@ -166,9 +166,11 @@ def main() -> int:
         "bird, boat → ship, cat, dog, horse, truck); the other categories are dropped, images keep their row "
         "(negatives). With the random ViT-B-32: the COCO category names present in the 128 images "
         "(`localtag vocab build` of the labels file).",
-        "- The random ViT-B-32 (`open_clip.create_model('ViT-B-32')`, seed 0, no pretrained weights, imported "
-        "into a temporary store by this script) runs on the first 200 CIFAR-10 test images per class (2,000; "
-        "CPU time); the fixture model on all 10,000.",
+        "- The random ViT-B-32: `open_clip.create_model('ViT-B-32')`, seed 0, no pretrained weights, imported "
+        "into a temporary store by this script. CIFAR-10 test: "
+        + ("all 10,000 images for both models." if not args.vit_cifar_per_class and not args.cifar_per_class else
+           f"{args.cifar_per_class or 'all 1000'} images per class for the fixture, "
+           f"{args.vit_cifar_per_class or 'all 1000'} (first by name) for the ViT-B-32 (CPU time)."),
         "- top-k counts the images that have at least one label (on COCO128 with CIFAR concepts, 31 of 128).",
         "",
         *table(rows),

@@ -235,7 +235,9 @@ def open_for(settings, tagger) -> EmbeddingCache | None:
     if not getattr(settings, "embedding_cache", True):
         return None
     try:
-        return EmbeddingCache(Path(settings.cache_dir), tagger.model_sha256)
+        # draft-mode (--fast) embeddings differ slightly from exact ones: they never share an entry
+        key = tagger.model_sha256 + (":fast" if getattr(settings, "fast_decode", False) else "")
+        return EmbeddingCache(Path(settings.cache_dir), key)
     except (OSError, sqlite3.Error, CacheError) as e:
         log.warning("embedding cache in %s unusable (%s); running without it", settings.cache_dir, e)
         return None

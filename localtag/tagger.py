@@ -11,9 +11,11 @@ Scoring (``scoring=``):
   vocabulary grows, so it only suits small closed sets.
 - ``sigmoid``: ``sigmoid(s · cos + b)`` with the model's learned bias; only for SigLIP-style models.
 
-A calibration file fitted by ``localtag calibrate`` (per-concept ``a · logit + b``) replaces the
-default mapping when it matches the model. Parents are never below their children, exclusive pairs
-keep the stronger concept, hidden concepts are never reported.
+A calibration file fitted by ``localtag calibrate`` (per-concept ``a · logit + b`` before the sigmoid,
+see :mod:`localtag.calibrate`) replaces the default mapping when it matches the model, the scoring
+and the vocabulary; without one, ``binary`` values are the uncalibrated two-way softmax above.
+Structure (see :mod:`localtag.vocab`): parents are never below their children, exclusive pairs keep
+the stronger concept, per-concept thresholds and priorities apply, hidden concepts are never reported.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return dev
 
 
@@ -101,14 +103,22 @@ class Tagger:
         self.logit_bias = float(bias.item()) if bias is not None else None
         if scoring == "sigmoid" and self.logit_bias is None:
             raise ValueError(f"{info.name} has no learned logit_bias; use scoring 'binary' or 'softmax'")
+        if calibration is not None and getattr(calibration, "scoring", scoring) != scoring:
+            log.warning("calibration %s was fitted for scoring %r, not %r: not used",
+                        getattr(calibration, "path", ""), calibration.scoring, scoring)
+            calibration = None
+        if calibration is not None and scoring == "softmax":
+            log.warning("a calibration does not apply to scoring 'softmax': not used")
+            calibration = None
         self.calibration = calibration
         self._text: torch.Tensor | None = None
         self._neutral: torch.Tensor | None = None
         self._edges = _parent_edges(vocab)
-        self._exclusive = _exclusive_pairs(vocab)
+        self._exclusive = _exclusive_partners(vocab)
         self._hidden = np.array([c.hidden for c in vocab], dtype=bool)
         self._thresholds = np.array([c.threshold or 0.0 for c in vocab], dtype=np.float32)
         self._priority = np.array([c.priority for c in vocab], dtype=np.float32)
+        self._one_priority = bool(len(vocab) == 0 or (self._priority == self._priority[0]).all())
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -152,7 +162,7 @@ class Tagger:
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             with self._autocast():
-                feats = self.model.encode_text(tokens)
+                feats = _encode_text(self.model, tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
@@ -245,27 +255,34 @@ class Tagger:
         return (self.logit_scale * cos).numpy()
 
     def scores(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Per-concept values in [0, 1], [N, concepts], with parents and exclusions applied."""
-        z = self.logits(embeddings)
+        """Per-concept values in [0, 1], [N, concepts], calibrated when a calibration is loaded, with
+        parents lifted to their children's values."""
+        return self.values(self.logits(embeddings))
+
+    def values(self, logits: np.ndarray, calibration: Any | None = ...) -> np.ndarray:
+        """Raw logits → values (``calibration``: the loaded one by default, ``None`` for none)."""
+        calibration = self.calibration if calibration is ... else calibration
+        z = np.asarray(logits, dtype=np.float32)
         if self.scoring == "softmax":
             z = z - z.max(axis=1, keepdims=True)
             e = np.exp(z)
             values = e / e.sum(axis=1, keepdims=True)
         else:
-            if self.calibration is not None:
-                z = self.calibration.apply(z)
-            values = 1.0 / (1.0 + np.exp(-z))
+            if calibration is not None:
+                z = calibration.apply(z)
+            values = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
         values = values.astype(np.float32)
         for child, parent in self._edges:
             np.maximum(values[:, parent], values[:, child], out=values[:, parent])
         return values
 
     def select_indices(self, select: Sequence[str] | None) -> np.ndarray | None:
-        """Indices of ``select_concepts`` (ids or names, case-sensitive as Clarifai's)."""
+        """Indices of ``select_concepts`` (ids, names or synonyms, case-sensitive as Clarifai's)."""
         if not select:
             return None
         idx = []
-        names = {c.name: i for i, c in enumerate(self.vocab)}
+        names = {n: i for i, c in reversed(list(enumerate(self.vocab))) for n in c.synonyms}
+        names.update({c.name: i for i, c in enumerate(self.vocab)})
         for key in select:
             i = self.vocab.by_id.get(key, names.get(key))
             if i is not None:
@@ -283,21 +300,33 @@ class Tagger:
         select: np.ndarray | None = None,
         language: str | None = None,
     ) -> list[Tag]:
-        """One image's values → its reported tags, sorted by value."""
+        """One image's values → its reported tags, sorted by value.
+
+        A concept is reported when it is at least ``min_value`` and its own threshold, is not hidden and
+        is not beaten by a stronger exclusive partner (exclusions are settled from the strongest concept
+        down, among the concepts that pass their thresholds, hidden ones included). With ``select`` only
+        those concepts are reported, with their values whatever their thresholds and exclusions.
+        When more than ``max_concepts`` remain, higher priorities take the places first.
+        """
         v = values.astype(np.float32, copy=True)
-        reportable = ~self._hidden & (v >= min_value) & (v >= self._thresholds)
-        for a, b in self._exclusive:
-            loser = b if v[a] >= v[b] else a
-            reportable[loser] = False
+        passing = v >= min_value
         if select is not None:
-            mask = np.zeros_like(reportable)
+            mask = np.zeros_like(passing)
             mask[select] = True
-            reportable &= mask
+            reportable = passing & mask & ~self._hidden
+        else:
+            passing &= v >= self._thresholds
+            for loser in _exclusion_losers(v, passing, self._exclusive):
+                passing[loser] = False
+            reportable = passing & ~self._hidden
         idx = np.flatnonzero(reportable)
         if max_concepts and len(idx) > max_concepts:
             # demoted (negative-priority) concepts only fill the places others leave free
-            order = np.lexsort((-v[idx], -self._priority[idx]))
-            idx = idx[order[:max_concepts]]
+            if self._one_priority:  # a partial sort is enough
+                idx = idx[np.argpartition(-v[idx], max_concepts - 1)[:max_concepts]]
+            else:
+                order = np.lexsort((-v[idx], -self._priority[idx]))
+                idx = idx[order[:max_concepts]]
         idx = idx[np.argsort(-v[idx], kind="stable")]
         return [Tag(self.vocab[i].id, self.vocab[i].display(language), float(v[i])) for i in idx]
 
@@ -336,11 +365,57 @@ def _parent_edges(vocab: Vocab) -> list[tuple[int, int]]:
     return sorted(edges, key=lambda e: rank[e[0]])
 
 
-def _exclusive_pairs(vocab: Vocab) -> list[tuple[int, int]]:
-    pairs = set()
+def _exclusive_partners(vocab: Vocab) -> dict[int, set[int]]:
+    """Concept index → the indices it excludes (symmetric: ``a | exclusive=b`` also excludes a from b)."""
+    partners: dict[int, set[int]] = {}
     for i, c in enumerate(vocab):
         for other in c.exclusive:
             j = vocab.index(other)
             if j is not None and j != i:
-                pairs.add((min(i, j), max(i, j)))
-    return sorted(pairs)
+                partners.setdefault(i, set()).add(j)
+                partners.setdefault(j, set()).add(i)
+    return partners
+
+
+def _exclusion_losers(v: np.ndarray, passing: np.ndarray, partners: dict[int, set[int]]) -> list[int]:
+    """Greedy from the strongest: a passing concept is kept unless a kept partner beats it (ties: the
+    earlier line wins); a dropped concept excludes nothing."""
+    contenders = [i for i in partners if passing[i]]
+    contenders.sort(key=lambda i: (-float(v[i]), i))
+    kept: set[int] = set()
+    losers = []
+    for i in contenders:
+        if partners[i] & kept:
+            losers.append(i)
+        else:
+            kept.add(i)
+    return losers
+
+
+def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text``, with the padding cut off where that cannot change the result.
+
+    open_clip pads every prompt to the context length (77); with CLIP's causal mask and end-of-text
+    pooling, positions after the longest prompt of the batch never reach the pooled token, so running
+    the transformer on the first ``L`` positions gives the same embeddings, several times faster.
+    """
+    import open_clip
+    from open_clip.transformer import text_global_pool
+
+    causal = getattr(model, "attn_mask", None)
+    if (not isinstance(model, open_clip.CLIP) or causal is None
+            or getattr(model, "text_pool_type", "argmax") != "argmax"):
+        return model.encode_text(tokens)
+    length = int((tokens != 0).sum(1).max().item())
+    if length >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=causal[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, "argmax", eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj

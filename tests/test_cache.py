@@ -207,3 +207,18 @@ def test_retag_reports_uncached_content_and_can_embed_it(library, random_store, 
     assert code == 0 and "ERROR" not in out and len(out.splitlines()) == 10
     code, again = _cli(capsys, "retag", str(folder), *common)  # now everything is cached
     assert code == 0 and again == out
+
+
+def test_fast_and_exact_decodes_never_share_entries(tmp_path):
+    import numpy as np
+
+    from localtag.cache import open_for
+    from localtag.config import Settings
+
+    class _T:
+        model_sha256 = "ab" * 32
+
+    exact = open_for(Settings(cache_dir=tmp_path), _T())
+    fast = open_for(Settings(cache_dir=tmp_path, fast_decode=True), _T())
+    exact.put_many([("d" * 64, np.ones(4, np.float32))])
+    assert exact.get("d" * 64) is not None and fast.get("d" * 64) is None
