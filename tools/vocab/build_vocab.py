@@ -140,6 +140,10 @@ def read_lines(path: str):
             yield lineno, line
 
 
+# Pairs that cannot both hold for one photo: the tagger keeps the stronger of the two.
+EXCLUSIVE = {"no person": ("people",), "indoors": ("outdoors",)}
+
+
 class Concept:
     __slots__ = ("name", "syns", "parents", "sources", "file_section", "default_sections")
 
@@ -405,6 +409,7 @@ def render(v: Vocab) -> str:
     w("#   Further fields are key=value:")
     w("#     syn=a, b, c      synonyms merged into this concept; also used as prompt variants")
     w("#     parents=x, y     parent concept names (each is itself a concept in this file; no cycles)")
+    w("#     exclusive=x      concepts that cannot hold together with this one (the stronger is kept)")
     w("#     threshold=0.9    optional per-concept minimum value (not used in this file)")
     w("#   No name appears twice, and no name is also another concept's synonym.")
     w("#")
@@ -428,6 +433,8 @@ def render(v: Vocab) -> str:
                 line += " | syn=" + ", ".join(c.syns)
             if c.parents:
                 line += " | parents=" + ", ".join(c.parents)
+            if c.name in EXCLUSIVE:
+                line += " | exclusive=" + ", ".join(EXCLUSIVE[c.name])
             w(line)
     return "\n".join(out) + "\n"
 
@@ -445,6 +452,7 @@ def check_file(path: str, fresh: str | None) -> int:
     names: dict[str, int] = {}
     syn_of: dict[str, str] = {}
     parents: dict[str, list[str]] = {}
+    exclusive: dict[str, list[str]] = {}
     section = None
     section_counts: OrderedDict[str, int] = OrderedDict()
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -477,7 +485,7 @@ def check_file(path: str, fresh: str | None) -> int:
         seen_keys = set()
         for f in fields[1:]:
             key, eq, value = f.partition("=")
-            if not eq or key in seen_keys or key not in ("syn", "parents", "threshold"):
+            if not eq or key in seen_keys or key not in ("syn", "parents", "threshold", "exclusive"):
                 problems.append(f"line {lineno}: bad field {f!r}")
                 continue
             seen_keys.add(key)
@@ -496,8 +504,12 @@ def check_file(path: str, fresh: str | None) -> int:
                     if x == name or x in syn_of:
                         problems.append(f"line {lineno}: synonym {x!r} repeated")
                     syn_of[x] = name
-            else:
+            elif key == "parents":
                 parents[name] = items
+            else:
+                exclusive[name] = items
+    for n, others in exclusive.items():
+        problems += [f"{n!r}: exclusive partner {o!r} is not a concept" for o in others if o not in names]
     for s, owner in syn_of.items():
         if s in names:
             problems.append(f"synonym {s!r} of {owner!r} is also a concept name")
