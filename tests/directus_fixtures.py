@@ -5,7 +5,8 @@ from tests.directus_fixtures import directus  # noqa: F401
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -21,3 +22,13 @@ def directus() -> Iterator[DirectusServer]:
         yield server
     finally:
         server.close()
+
+
+def wait_for(check: Callable[[], object], timeout: float = 60) -> object:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met in {timeout}s")

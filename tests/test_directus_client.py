@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from localtag.directus import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
+from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus
 
@@ -74,15 +75,6 @@ class LocalServer:
 
 def ok(data: object) -> bytes:
     return json.dumps({"data": data}).encode()
-
-
-def wait_for(check: Callable[[], object], timeout: float = 30) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 # ---------------------------------------------------------------- fixtures

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -23,20 +22,12 @@ from localtag import cli
 from localtag.directus import FLOW_PATH, PROVENANCE_FIELD, SECRET_HEADER, DirectusClient
 from localtag.images import decode
 from localtag.tagger import Tagger
+from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus
 
 SECRET = "flow-" + uuid.uuid4().hex
 MARKER = f"flow-{uuid.uuid4().hex[:8]}"
-
-
-def wait_for(check: Callable[[], object], timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 @pytest.fixture(scope="module")
