@@ -155,8 +155,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         else:
             failed += 1
             log.error("%s: %s", r.job.key, r.error.message)
-    dim = tagger.model.visual.output_dim if hasattr(tagger.model.visual, "output_dim") else None
-    arr = np.stack(rows) if rows else np.zeros((0, dim or 0), dtype=np.float32)
+    arr = np.stack(rows) if rows else np.zeros((0, tagger.info.model_cfg["embed_dim"]), dtype=np.float32)
     out = Path(args.output)
     np.save(out, arr)
     keys_path = out.with_suffix(".paths.txt")

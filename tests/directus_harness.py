@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tests.live_server import free_port
 
 DIRECTUS_DIR = Path(__file__).resolve().parent / "directus"
 NODE_RANGE = ((18, 18), (20, 999))  # what directus 11.3.5's engines accept (Node 22 needs 11.4+)
@@ -107,12 +108,6 @@ def ensure_installed() -> Path:
         shutil.rmtree(cached, ignore_errors=True)
         _copy_tree(node_modules, cached)
     return node_modules
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Loaded into node with --require: exit when the Python process that started us is gone (even after
