@@ -73,7 +73,6 @@ def counting(client) -> list[int]:
 
 def main() -> None:
     from directus_harness import DirectusServer
-
     from localtag.directus import DirectusClient
     from localtag.sync import SyncOptions, run_sync
 

@@ -29,10 +29,10 @@ def embed(tagger, files, draft, bs: int = 32):
     import numpy as np
     import torch
 
-    from localtag import images
+    from localtag import decode
 
     def prep(f):
-        img = images.decode(f, draft=draft)
+        img = decode.decode(f, draft=draft)
         return tagger.preprocess(img), img.size
 
     out, sizes = [], []

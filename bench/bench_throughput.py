@@ -87,7 +87,7 @@ def end_to_end(tagger, files, bs: int, workers: int, fast: bool) -> dict:
 
 
 def run_arch(arch: str, sets: dict, bs: int, workers: int) -> list[dict]:
-    from localtag import images
+    from localtag import decode
     from localtag.pipeline import auto_batch_size
 
     root = C.random_store(arch)
@@ -95,7 +95,7 @@ def run_arch(arch: str, sets: dict, bs: int, workers: int) -> list[dict]:
     bs = bs if bs > 0 else auto_batch_size(tagger)
     rows = []
     for set_name, files in sets.items():
-        tensors = [tagger.preprocess(images.decode(f)) for f in files]
+        tensors = [tagger.preprocess(decode.decode(f)) for f in files]
         C.in_thread(forward_only, tagger, tensors[:bs], bs)  # warm-up
         r = {"arch": arch, "images": f"{set_name} ×{len(files)}", "batch": bs,
              "a1": C.in_thread(forward_only, tagger, tensors, bs)}
@@ -103,7 +103,7 @@ def run_arch(arch: str, sets: dict, bs: int, workers: int) -> list[dict]:
         r["c_exact"] = C.in_thread(end_to_end, tagger, files, bs, workers, False)
         r["c_fast"] = C.in_thread(end_to_end, tagger, files, bs, workers, True)
         r["b"] = C.in_thread(naive, tagger, files)
-        tensors = [tagger.preprocess(images.decode(f)) for f in files]
+        tensors = [tagger.preprocess(decode.decode(f)) for f in files]
         r["a2"] = C.in_thread(forward_only, tagger, tensors, bs)
         del tensors
         r["a"] = {k: (r["a1"][k] + r["a2"][k]) / 2 for k in r["a1"]}

@@ -1,7 +1,7 @@
 """Request batching for the server: images from concurrent requests share one model batch.
 
 Callers ``await batcher.submit(tensor)`` with one preprocessed image and get back its per-concept
-values. A single inference thread runs one batch at a time: the first image after an idle spell
+values: the image encoder embeds the batch, the tagger maps it to values. A single inference thread runs one batch at a time: the first image after an idle spell
 waits at most ``window`` seconds for company, and while a batch runs the next one fills up, so under
 load batches are full without any waiting. Admission (how many images may be in the server at once)
 is the server's job; the queue here only ever holds admitted images.
@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .encoder import ImageEncoder
+from .tagger import Tagger
+
 log = logging.getLogger(__name__)
 
 
 class Batcher:
-    def __init__(self, tagger, *, max_batch: int = 32, window: float = 0.005,
+    def __init__(self, tagger: Tagger, encoder: ImageEncoder, *, max_batch: int = 32, window: float = 0.005,
                  on_batch: Callable[[int], None] | None = None):
         self.tagger = tagger
+        self.encoder = encoder
         self.max_batch = max(1, max_batch)
         self.window = max(0.0, window)
         self.on_batch = on_batch
@@ -64,7 +68,7 @@ class Batcher:
         return await fut
 
     def _compute(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        return self.tagger.scores(self.tagger.encode(torch.stack(tensors)))
+        return self.tagger.values(self.encoder.encode(torch.stack(tensors)))
 
     async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
         queue = self._queue

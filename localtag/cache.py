@@ -17,12 +17,11 @@ always be rebuilt. Tables:
   ``retag`` of an unchanged folder neither reads nor hashes the files again.
 
 The pipeline uses :meth:`EmbeddingCache.get` and :meth:`EmbeddingCache.put_many` (its cache
-protocol); ``retag`` uses the bulk :meth:`EmbeddingCache.get_many`.
+protocol); ``retag`` (:mod:`localtag.cli_tag`) uses the bulk :meth:`EmbeddingCache.get_many` through :func:`cached_results`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -35,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli
-from .images import NOT_FOUND, ImageError
+from .errors import NOT_FOUND, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +228,22 @@ class _write:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def open_for(settings, tagger) -> EmbeddingCache | None:
-    """The cache of ``tagger``'s model in ``settings.cache_dir``; None when switched off or unusable."""
-    if not getattr(settings, "embedding_cache", True):
-        return None
+def cache_key(model_sha256: str, fast: bool) -> str:
+    """The cache's model key: draft-mode (``--fast``) embeddings differ slightly from exact ones, so
+    they never share an entry."""
+    return model_sha256 + (":fast" if fast else "")
+
+
+def open_embedding_cache(settings, model_sha256: str, *, required: bool = False) -> EmbeddingCache | None:
+    """The cache of this model and decoding mode (``settings.fast_decode``) in ``settings.cache_dir``.
+
+    Unusable: None with a warning, or the error when ``required`` (``retag`` reads nothing else).
+    """
     try:
-        # draft-mode (--fast) embeddings differ slightly from exact ones: they never share an entry
-        key = tagger.model_sha256 + (":fast" if getattr(settings, "fast_decode", False) else "")
-        return EmbeddingCache(Path(settings.cache_dir), key)
+        return EmbeddingCache(Path(settings.cache_dir), cache_key(model_sha256, settings.fast_decode))
     except (OSError, sqlite3.Error, CacheError) as e:
+        if required:
+            raise CacheError(f"embedding cache in {settings.cache_dir} unusable: {e}") from None
         log.warning("embedding cache in %s unusable (%s); running without it", settings.cache_dir, e)
         return None
 
@@ -251,14 +256,14 @@ def cached_results(cache: EmbeddingCache, jobs: Iterable, *, workers: int = 2, m
     A file whose path, size and mtime are known is not read; any other file is read and hashed (and
     remembered). A file whose content is not cached gets a ``not_found`` error.
     """
-    from .images import read_source
+    from .decode import read_source
     from .pipeline import Result, chunks
 
     def known_digest(path: str, known: dict) -> tuple[str | None, ImageError | None, tuple | None]:
         try:
             st = os.stat(path)
         except OSError as e:
-            return None, ImageError(NOT_FOUND, f"{path}: {e.strerror or e}"), None
+            return None, ImageError(NOT_FOUND, f"cannot read: {e.strerror or e}"), None
         k = known.get(path)
         if k is not None and k[0] == st.st_size and k[1] == st.st_mtime_ns:
             return k[2], None, None
@@ -273,9 +278,10 @@ def cached_results(cache: EmbeddingCache, jobs: Iterable, *, workers: int = 2, m
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for part in chunks(jobs, chunk):
-            paths = [os.path.abspath(j.source) for j in part]
-            known = cache.file_digests(paths)
-            looked = [known_digest(p, known) for p in paths]  # a stat each: no pool needed
+            paths = ["" if isinstance(j.source, ImageError) else os.path.abspath(j.source) for j in part]
+            known = cache.file_digests([p for p in paths if p])
+            looked = [(None, j.source, None) if isinstance(j.source, ImageError) else known_digest(p, known)
+                      for j, p in zip(part, paths, strict=True)]  # a stat each: no pool needed
             todo = [i for i, (d, err, seen) in enumerate(looked) if d is None and err is None]
             for i, got in zip(todo, pool.map(hash_file, [looked[i][2] for i in todo]), strict=True):
                 looked[i] = got  # new or changed files: read and hash (threads: hashlib frees the GIL)
@@ -292,21 +298,7 @@ def cached_results(cache: EmbeddingCache, jobs: Iterable, *, workers: int = 2, m
                     yield Result(job, embedding=embs[k], digest=d, cached=True)
 
 
-def cmd_retag(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline, walk
-
-    settings = cli.settings_from(args)
-    tagger = cli._load_tagger(settings)
-    cache = EmbeddingCache(Path(settings.cache_dir), tagger.model_sha256)
-    total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat
-    results: Iterable = cached_results(cache, walk(args.paths), workers=settings.workers,
-                                       max_bytes=settings.max_bytes)
-    if args.embed_missing:
-        results = _embed_missing(results, Pipeline.from_settings(tagger, settings, cache=cache))
-    return cli.write_tags(args, settings, tagger, results, total, desc="retagging")
-
-
-def _embed_missing(results: Iterable, pipe, chunk: int = 1024) -> Iterator:
+def embed_missing(results: Iterable, pipe, chunk: int = 1024) -> Iterator:
     """Run the image tower on the results that had no cached embedding, keeping input order."""
     from .pipeline import chunks
 
@@ -315,16 +307,3 @@ def _embed_missing(results: Iterable, pipe, chunk: int = 1024) -> Iterator:
         fresh = {id(r.job): r for r in pipe.run(missing)} if missing else {}
         for r in buf:
             yield fresh.get(id(r.job), r)
-
-
-@cli.extension
-def _register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retag", help="re-tag files from cached embeddings (new vocabulary, thresholds, scoring) "
-                                     "without running the image model")
-    p.add_argument("paths", nargs="+")
-    cli.add_output_flags(p)
-    p.add_argument("--embed-missing", action="store_true",
-                   help="run the image model on files that are not cached (default: report them as errors)")
-    cli.add_model_flags(p)
-    p.set_defaults(func=cmd_retag)
-

@@ -1,6 +1,6 @@
 """Calibration: per-concept Platt scaling of the Tagger's raw logits, fitted on labelled images.
 
-``localtag calibrate DIR --labels CSV`` (see :mod:`localtag.evaluate`) fits, for every concept of the
+``localtag calibrate DIR --labels CSV`` (see :mod:`localtag.cli_eval`) fits, for every concept of the
 labels file with at least ``min_labels`` positive and negative images, ``value = sigmoid(a · z + b)``
 on the raw logit ``z`` of :meth:`localtag.tagger.Tagger.logits` (Platt 1999, with Platt's smoothed
 targets and a weak prior pulling ``a, b`` towards the global fit, so that few labels cannot give
@@ -9,7 +9,7 @@ every other concept of the vocabulary. Each map is increasing in ``z``, so a con
 (its AP) is unchanged; values, thresholds and the order between concepts change.
 
 The result is stored beside the vocabulary as ``<vocab>.calibration.<model sha256[:16]>.json``.
-:func:`find_for` (called by ``Tagger.load``, hence by tagging, the Clarifai endpoint and Directus)
+:func:`find_for` (called by :func:`localtag.loader.load`, hence by tagging, the Clarifai endpoint and Directus)
 uses it only when the model sha256, the templates and the scoring match; concepts are matched by id
 and by a fingerprint of their name, synonyms and prompts, so an edited concept falls back to the
 global map and an unrelated vocabulary gets no calibration at all.
@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .numeric import sigmoid
+from .prompts import NEUTRAL_PROMPTS, TEMPLATES
 from .vocab import Concept, Vocab
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,7 @@ def concept_fingerprint(c: Concept) -> str:
 
 def text_key(templates: list[str] | tuple[str, ...] | None) -> str:
     """The prompt templates and neutral prompts behind the logits (a change invalidates a calibration)."""
-    from .tagger import DEFAULT_TEMPLATES, NEUTRAL_PROMPTS
-
-    parts = ["\n".join(templates or DEFAULT_TEMPLATES), "\n".join(NEUTRAL_PROMPTS)]
+    parts = ["\n".join(templates or TEMPLATES), "\n".join(NEUTRAL_PROMPTS)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -67,10 +67,6 @@ def path_for(vocab_path: str | Path, model_sha256: str) -> Path:
 
 
 # -- fitting ---------------------------------------------------------------------------------------
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
 def _loss(z, t, a, b, a0, b0, lam) -> np.ndarray:
     x = a * z + b
     # cross-entropy with soft targets, stable: log(1 + e^x) - t·x
@@ -97,7 +93,7 @@ def platt(z: np.ndarray, y: np.ndarray, *, a0: np.ndarray | float = 1.0, b0: np.
     a, b = a0.copy(), b0.copy()
     loss = _loss(z, t, a, b, a0, b0, lam)
     for _ in range(iters):
-        p = _sigmoid(a * z + b)
+        p = sigmoid(a * z + b)
         r = p - t
         w = np.maximum(p * (1 - p), 1e-12)
         ga = (r * z).sum(0) + lam * (a - a0)
@@ -280,7 +276,7 @@ def from_json(doc: dict[str, Any], vocab: Vocab, info, *, path: Path | None = No
 def find_for(vocab: Vocab, model_info) -> Calibration | None:
     """The calibration beside ``vocab``'s file for this model, if there is one and it fits."""
     vocab_path = vocab.path
-    if vocab_path is None or not getattr(model_info, "sha256", None):
+    if vocab_path is None or not model_info.sha256:
         return None
     path = path_for(vocab_path, model_info.sha256)
     if not path.is_file():

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from . import images
+from . import errors
 
 # status codes (clarifai/api/status/status_code.proto)
 SUCCESS = 10000
@@ -59,13 +59,13 @@ DESCRIPTIONS = {
 
 # how a failed image maps to an output status
 IMAGE_ERROR_CODES = {
-    images.NOT_IMAGE: INPUT_UNSUPPORTED_FORMAT,
-    images.CORRUPT: INPUT_INVALID_ARGUMENT,
-    images.TOO_MANY_PIXELS: INPUT_OVER_LIMIT,
-    images.TOO_MANY_BYTES: INPUT_OVER_LIMIT,
-    images.FETCH_FAILED: INPUT_DOWNLOAD_FAILED,
-    images.NOT_FOUND: INPUT_DOWNLOAD_FAILED,
-    images.URL_REFUSED: INPUT_INVALID_URL,
+    errors.NOT_IMAGE: INPUT_UNSUPPORTED_FORMAT,
+    errors.CORRUPT: INPUT_INVALID_ARGUMENT,
+    errors.TOO_MANY_PIXELS: INPUT_OVER_LIMIT,
+    errors.TOO_MANY_BYTES: INPUT_OVER_LIMIT,
+    errors.FETCH_FAILED: INPUT_DOWNLOAD_FAILED,
+    errors.NOT_FOUND: INPUT_DOWNLOAD_FAILED,
+    errors.URL_REFUSED: INPUT_INVALID_URL,
 }
 
 GENERAL_MODEL_ID = "general-image-recognition"
@@ -95,7 +95,7 @@ def status(code: int, description: str | None = None, details: str | None = None
     return s
 
 
-def image_error_status(err: images.ImageError) -> dict[str, Any]:
+def image_error_status(err: errors.ImageError) -> dict[str, Any]:
     return status(IMAGE_ERROR_CODES.get(err.kind, INPUT_INVALID_ARGUMENT), details=err.message)
 
 

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     vocab: Path | None = None  # None: the model's own vocab.txt, else ./vocab.txt
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = "auto"
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (localtag.devices.resolve_precision)
 
     # scoring
     scoring: str = "binary"

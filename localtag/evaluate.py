@@ -32,25 +32,20 @@ thresholds or calibration does not run the image tower again.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import json
 import logging
-import os
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import cli
+from . import labels as labels_file
 
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15
-DEFAULT_THRESHOLD = 0.5
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -152,32 +147,6 @@ def prf_at(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> di
 
 
 # -- labels ----------------------------------------------------------------------------------------
-def read_labels(path: str | Path, root: str | Path) -> list[tuple[Path, list[str]]]:
-    """``(image path, labels)`` rows of a labels CSV, paths resolved against ``root``."""
-    path, root = Path(path), Path(root)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: labels file not found") from None
-    rows: dict[Path, list[str]] = {}
-    for lineno, row in enumerate(csv.reader(text.splitlines()), 1):
-        if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-            continue
-        if lineno == 1 and [c.strip().lower() for c in row[:2]] in (["path", "labels"], ["path", "label"], ["path"]):
-            continue
-        if len(row) > 2:
-            raise ValueError(f"{path}:{lineno}: expected 'path,labels' (labels separated by ';'), got {len(row)} "
-                             "columns; quote paths that contain commas")
-        p = Path(row[0].strip())
-        p = p if p.is_absolute() else root / p
-        labels = [" ".join(x.split()) for x in (row[1] if len(row) > 1 else "").split(";") if x.strip()]
-        rows.setdefault(p, [])
-        rows[p].extend(x for x in labels if x not in rows[p])
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return list(rows.items())
-
-
 def label_matrix(rows: list[tuple[Path, list[str]]], vocab, *, expand_parents: bool = True
                  ) -> tuple[np.ndarray, np.ndarray, Counter]:
     """Labels [N, concepts] (bool, ancestors added), the indices of the concepts the file names, and the
@@ -202,16 +171,6 @@ def label_matrix(rows: list[tuple[Path, list[str]]], vocab, *, expand_parents: b
 
 
 # -- embeddings (through the cache) ---------------------------------------------------------------
-def open_cache(settings, tagger):
-    """The embedding cache of this model (:func:`localtag.cache.open_for`); None without one."""
-    try:
-        from .cache import open_for
-    except ImportError:  # pragma: no cover - the cache module ships with localtag
-        log.warning("localtag.cache is not available: every evaluation encodes its images again")
-        return None
-    return open_for(settings, tagger)
-
-
 @dataclass
 class Labelled:
     """A labelled image set, embedded."""
@@ -226,11 +185,13 @@ class Labelled:
     cached: int = 0
 
 
-def embed_labelled(tagger, settings, folder: Path, labels_csv: Path, *, cache=None,
-                   show_progress: bool | None = None, expand_parents: bool = True) -> Labelled:
+def embed_labelled(tagger, encoder, settings, folder: Path, labels_csv: Path, *, cache=None,
+                   progress: Callable[[Iterable, int], Iterable] | None = None,
+                   expand_parents: bool = True) -> Labelled:
+    """Embed the images of a labels file (through the embedding cache, when given) with their labels."""
     from .pipeline import Job, Pipeline
 
-    rows = read_labels(labels_csv, folder)
+    rows = labels_file.read(labels_csv, folder)
     y_all, concepts, unknown = label_matrix(rows, tagger.vocab, expand_parents=expand_parents)
     if unknown:
         top = ", ".join(f"{k!r} ({n})" for k, n in unknown.most_common(8))
@@ -239,9 +200,10 @@ def embed_labelled(tagger, settings, folder: Path, labels_csv: Path, *, cache=No
     if not len(concepts):
         raise ValueError(f"{labels_csv}: none of its labels is a concept of {tagger.vocab.source}")
     jobs = [Job(str(p), p, {"row": r}) for r, (p, _) in enumerate(rows)]
-    pipe = Pipeline.from_settings(tagger, settings, cache=cache)
+    pipe = Pipeline.from_settings(encoder, settings, cache=cache)
     embs, keep, failed, cached = [], [], [], 0
-    for res in cli.progress(pipe.run(jobs), len(jobs), show_progress, "embedding"):
+    results = pipe.run(jobs)
+    for res in progress(results, len(jobs)) if progress else results:
         if res.ok:
             embs.append(res.embedding)
             keep.append(res.job.meta["row"])
@@ -286,13 +248,13 @@ def evaluate(values: np.ndarray, labels: np.ndarray, concepts: np.ndarray, thres
     }
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float):
@@ -308,7 +270,7 @@ def per_concept_rows(m: dict[str, Any], vocab, concepts: np.ndarray) -> list[dic
             for k, i in enumerate(concepts)]
 
 
-def _fmt(x: float | None, width: int = 6) -> str:
+def fmt(x: float | None, width: int = 6) -> str:
     return f"{'—':>{width}}" if x is None or not np.isfinite(x) else f"{x:{width}.3f}"
 
 
@@ -316,12 +278,12 @@ def summary_lines(m: dict[str, Any], single: bool) -> list[str]:
     lead = [("top-1", m["top1"]), ("top-5", m["top5"]), ("mAP", m["map"])]
     if not single:
         lead = [lead[2], lead[0], lead[1]]
-    out = [f"  {name:<7}{_fmt(val)}" for name, val in lead]
-    out.append(f"  {'ECE':<7}{_fmt(m['ece'])}   ({ECE_BINS} bins over image×concept pairs)")
+    out = [f"  {name:<7}{fmt(val)}" for name, val in lead]
+    out.append(f"  {'ECE':<7}{fmt(m['ece'])}   ({ECE_BINS} bins over image×concept pairs)")
     mi, ma = m["micro"], m["macro"]
-    out.append(f"  at the operating thresholds: micro P {_fmt(mi['precision'], 5)} R {_fmt(mi['recall'], 5)} "
-               f"F1 {_fmt(mi['f1'], 5)} · macro P {_fmt(ma['precision'], 5)} R {_fmt(ma['recall'], 5)} "
-               f"F1 {_fmt(ma['f1'], 5)}")
+    out.append(f"  at the operating thresholds: micro P {fmt(mi['precision'], 5)} R {fmt(mi['recall'], 5)} "
+               f"F1 {fmt(mi['f1'], 5)} · macro P {fmt(ma['precision'], 5)} R {fmt(ma['recall'], 5)} "
+               f"F1 {fmt(ma['f1'], 5)}")
     return out
 
 
@@ -331,8 +293,8 @@ def concept_table(rows: list[dict[str, Any]], limit: int) -> list[str]:
     width = max([len("concept"), *(len(r["name"]) for r in shown)])
     out = [f"  {'concept':<{width}}  {'AP':>6} {'P':>6} {'R':>6} {'F1':>6} {'pos':>6} {'thr':>5}"]
     for r in shown:
-        out.append(f"  {r['name']:<{width}}  {_fmt(r['ap'])} {_fmt(r['precision'])} {_fmt(r['recall'])} "
-                   f"{_fmt(r['f1'])} {r['positives']:>6d} {r['threshold']:5.2f}")
+        out.append(f"  {r['name']:<{width}}  {fmt(r['ap'])} {fmt(r['precision'])} {fmt(r['recall'])} "
+                   f"{fmt(r['f1'])} {r['positives']:>6d} {r['threshold']:5.2f}")
     if len(shown) < len(rows):
         out.append(f"  … {len(rows) - len(shown)} better concepts not shown (--rows 0 shows all)")
     return out
@@ -366,158 +328,3 @@ def write_pr_curves(path: Path, values: np.ndarray, labels: np.ndarray, rows: li
     fig.savefig(path)
     plt.close(fig)
     return True
-
-
-# -- commands --------------------------------------------------------------------------------------
-def _setup(args: argparse.Namespace):
-    from .tagger import Tagger
-
-    settings = cli.settings_from(args)
-    tagger = Tagger.load(settings)
-    cache = None if args.no_cache else open_cache(settings, tagger)
-    labels_csv = args.labels or Path(args.dir) / "labels.csv"
-    data = embed_labelled(tagger, settings, Path(args.dir), labels_csv, cache=cache,
-                          show_progress=args.progress, expand_parents=not args.no_parents)
-    default = args.threshold if args.threshold is not None else (settings.min_value or DEFAULT_THRESHOLD)
-    return settings, tagger, data, default
-
-
-def _rank(tagger, data: Labelled, open_set: bool) -> np.ndarray:
-    if not open_set:
-        return data.concepts
-    return np.array([i for i, c in enumerate(tagger.vocab) if not c.hidden], dtype=int)
-
-
-def _header(tagger, data: Labelled) -> dict[str, Any]:
-    return {
-        "model": tagger.info.name, "model_sha256": tagger.info.sha256, "vocab": tagger.vocab.source,
-        "scoring": tagger.scoring, "mode": "single-label" if data.single else "multi-label",
-        "images": len(data.keys), "failed": len(data.failed), "cached": data.cached,
-        "encoded": len(data.keys) - data.cached, "unknown_labels": dict(data.unknown.most_common()),
-    }
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    settings, tagger, data, default = _setup(args)
-    calibration = None if args.no_calibration else tagger.calibration
-    values = tagger.values(tagger.logits(data.embeddings), calibration)
-    thresholds = thresholds_for(tagger.vocab, default)
-    m = evaluate(values, data.labels, data.concepts, thresholds, rank=_rank(tagger, data, args.open))
-    rows = per_concept_rows(m, tagger.vocab, data.concepts)
-    out = {**_header(tagger, data),
-           "calibration": str(calibration.path) if calibration is not None and calibration.path else None,
-           "threshold": default, "ranking": "open" if args.open else "closed",
-           **{k: m[k] for k in ("concepts", "top1", "top5", "map", "ece", "micro", "macro")},
-           "per_concept": rows}
-    if args.pr_curves:
-        out["pr_curves"] = str(args.pr_curves) if write_pr_curves(
-            args.pr_curves, values, data.labels, rows, data.concepts, args.worst) else None
-    if args.json:
-        print(json.dumps(_jsonable(out), indent=1))
-    else:
-        cal = f"calibrated ({calibration.path})" if calibration is not None else "uncalibrated"
-        print(f"{out['images']} images ({out['failed']} failed, {out['cached']} from the embedding cache), "
-              f"{out['concepts']} concepts, {out['mode']}, model {tagger.info.name}, scoring {tagger.scoring}, {cal}")
-        print("\n".join(summary_lines(m, data.single)))
-        print("\n".join(concept_table(rows, args.rows)))
-    return 1 if data.failed else 0
-
-
-def holdout_mask(keys: list[str], fraction: float) -> np.ndarray:
-    """A deterministic split: an image is held out when the hash of its path falls under ``fraction``."""
-    h = np.array([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") / 2**64 for k in keys])
-    return h < fraction
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from . import calibrate as cal_mod
-
-    settings, tagger, data, default = _setup(args)
-    if tagger.scoring == "softmax":
-        raise ValueError("calibration maps per-concept logits; use --scoring binary (or sigmoid), not softmax")
-    vocab_path = tagger.vocab.path
-    if vocab_path is None:
-        raise ValueError(f"{tagger.vocab.source}: the vocabulary is not a file; cannot store a calibration beside it")
-    target = cal_mod.path_for(vocab_path, tagger.info.sha256)
-    if not args.dry_run and not os.access(target.parent, os.W_OK):
-        raise ValueError(f"{target.parent} is not writable: copy the vocabulary somewhere writable and pass --vocab")
-    z = tagger.logits(data.embeddings)
-    concepts, y = data.concepts, data.labels
-    thresholds = thresholds_for(tagger.vocab, default)
-    rank = _rank(tagger, data, args.open)
-    held = holdout_mask(data.keys, args.holdout) if args.holdout > 0 else np.zeros(len(data.keys), dtype=bool)
-    report: dict[str, Any] = {}
-    if held.any() and (~held).any():
-        f = cal_mod.fit(z[~held][:, concepts], y[~held][:, concepts], min_labels=args.min_labels)
-        cal = cal_mod.for_vocab(f, concepts, tagger.vocab, scoring=tagger.scoring)
-        before = evaluate(tagger.values(z[held], None), y[held], concepts, thresholds, rank=rank)
-        after = evaluate(tagger.values(z[held], cal), y[held], concepts, thresholds, rank=rank)
-        keys = ("top1", "top5", "map", "ece", "micro", "macro")
-        report = {"fit_images": int((~held).sum()), "heldout_images": int(held.sum()),
-                  "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}}
-    elif args.holdout > 0:
-        log.warning("too few images for a held-out split; fitting on all without a before/after report")
-    f = cal_mod.fit(z[:, concepts], y[:, concepts], min_labels=args.min_labels)
-    labels_csv = args.labels or Path(args.dir) / "labels.csv"
-    doc = cal_mod.to_json(f, concepts, tagger.vocab, tagger.info, scoring=tagger.scoring, templates=tagger.templates,
-                          extra={"labels": {"file": str(labels_csv), "images": len(data.keys)},
-                                 "heldout": _jsonable(report) or None})
-    if not args.dry_run:
-        cal_mod.save(doc, target)
-    out = {**_header(tagger, data), "calibration": None if args.dry_run else str(target),
-           "concepts": int(len(concepts)), "own_fit": int(f.fitted.sum()),
-           "global": {"a": f.global_a, "b": f.global_b}, "threshold": default, **report}
-    if args.json:
-        print(json.dumps(_jsonable(out), indent=1))
-        return 0
-    print(f"{out['images']} images ({out['failed']} failed, {out['cached']} from the embedding cache), "
-          f"{out['concepts']} concepts ({out['own_fit']} with their own map, the others the global map "
-          f"a={f.global_a:.3f} b={f.global_b:.3f}), model {tagger.info.name}, scoring {tagger.scoring}")
-    if report:
-        print(f"held-out: {report['heldout_images']} images (fitted on {report['fit_images']}; "
-              f"the stored calibration is refitted on all {len(data.keys)})")
-        print(f"  {'':<10}{'before':>8}{'after':>8}")
-        for name, key in (("top-1", "top1"), ("top-5", "top5"), ("mAP", "map"), ("ECE", "ece")):
-            print(f"  {name:<10}{_fmt(report['before'][key], 8)}{_fmt(report['after'][key], 8)}")
-        print(f"  {'micro F1':<10}{_fmt(report['before']['micro']['f1'], 8)}{_fmt(report['after']['micro']['f1'], 8)}"
-              f"   (at threshold {default:g})")
-    print(f"{'would write' if args.dry_run else 'wrote'} {target}")
-    return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", type=Path, help="folder the labels' relative paths are resolved against")
-    p.add_argument("--labels", type=Path, help="labels CSV: path,labels (labels ';'-separated); default DIR/labels.csv")
-    p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
-    p.add_argument("--threshold", type=float, help=f"operating threshold of concepts without their own "
-                   f"(default: min_value if set, else {DEFAULT_THRESHOLD})")
-    p.add_argument("--open", action="store_true",
-                   help="rank every concept of the vocabulary for top-k (default: only the labelled ones)")
-    p.add_argument("--no-parents", action="store_true", help="do not add ancestors to the labels")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    cli.add_model_flags(p)
-
-
-@cli.extension
-def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="measure tag quality on labelled images (top-k, mAP, P/R/F1, ECE)",
-                       description=__doc__.split("\n\n")[0])
-    _common(e)
-    e.add_argument("--no-calibration", action="store_true", help="evaluate the uncalibrated values")
-    e.add_argument("--rows", type=int, default=20, help="concepts shown in the table, worst first (0: all)")
-    e.add_argument("--pr-curves", type=Path, metavar="PNG",
-                   help="write precision-recall curves of the worst concepts (needs matplotlib)")
-    e.add_argument("--worst", type=int, default=6, help="concepts in the --pr-curves plot")
-    e.set_defaults(func=cmd_eval)
-
-    c = sub.add_parser("calibrate", help="fit per-concept value maps on labelled images",
-                       description="Fit per-concept Platt scaling on labelled images; report the calibration "
-                                   "error before and after on held-out images; store the result beside the "
-                                   "vocabulary, keyed by the model's sha256.")
-    _common(c)
-    c.add_argument("--holdout", type=float, default=0.3, help="share of images held out for the report (0: none)")
-    c.add_argument("--min-labels", type=int, default=5,
-                   help="positives and negatives a concept needs for its own map (else the global map)")
-    c.add_argument("--dry-run", action="store_true", help="report, but do not write the calibration file")
-    c.set_defaults(func=cmd_calibrate)

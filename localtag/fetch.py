@@ -17,18 +17,18 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
 
-from .images import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, URL_REFUSED, ImageError
+from .addresses import IPAddress, is_public, parse_ip
+from .errors import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, URL_REFUSED, ImageError
+from .limits import TooLarge, read_capped_async
 
 REDIRECTS = {301, 302, 303, 307, 308}
 DEFAULT_PORTS = {"http": 80, "https": 443}
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,6 @@ def redact(url: httpx.URL | str) -> str:
     return f"{u.scheme}://{host}{port}{u.path}"
 
 
-def is_public(ip: IPAddress) -> bool:
-    """True for globally routable unicast addresses only."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if mapped is not None and not is_public(mapped):
-            return False
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
-                                 or ip.is_private or ip.is_unspecified)
-
-
 def host_allowed(host: str, port: int, allow_hosts: Iterable[str]) -> bool:
     host = host.lower().strip("[]")
     for entry in allow_hosts:
@@ -85,10 +75,9 @@ def host_allowed(host: str, port: int, allow_hosts: Iterable[str]) -> bool:
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """Every address ``host`` resolves to (an IP literal resolves to itself)."""
-    try:
-        return [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        pass
+    literal = parse_ip(host)
+    if literal is not None:
+        return [literal]
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -96,8 +85,8 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         raise ImageError(FETCH_FAILED, f"cannot resolve host {host!r}: {e}") from None
     out: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        if ip not in out:
+        ip = parse_ip(sockaddr[0])
+        if ip is not None and ip not in out:
             out.append(ip)
     if not out:
         raise ImageError(FETCH_FAILED, f"host {host!r} has no address")
@@ -175,18 +164,9 @@ async def _read(response: httpx.Response, url: httpx.URL, max_bytes: int) -> byt
         raise ImageError(NOT_FOUND, f"{redact(url)}: HTTP {response.status_code}")
     if response.status_code >= 400 or response.status_code < 200:
         raise ImageError(FETCH_FAILED, f"{redact(url)}: HTTP {response.status_code}")
-    length = response.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes:
-        raise ImageError(TOO_MANY_BYTES, f"{redact(url)}: {length} bytes is over the {max_bytes}-byte limit")
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ImageError(TOO_MANY_BYTES, f"{redact(url)}: over the {max_bytes}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_capped_async(response.aiter_bytes(), max_bytes, response.headers.get("content-length"))
+    except TooLarge as e:
+        raise ImageError(TOO_MANY_BYTES, f"{redact(url)}: {e}") from None
 
 
-def fetch_sync(url: str, policy: FetchPolicy) -> bytes:
-    """:func:`fetch` for synchronous callers (e.g. a pipeline job's source callable)."""
-    return asyncio.run(fetch(url, policy))

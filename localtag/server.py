@@ -1,22 +1,24 @@
-"""``localtag serve``: a drop-in Clarifai endpoint: REST routes, Filestack, operations, the CLI.
+"""The REST app of ``localtag serve``: a drop-in Clarifai endpoint, Filestack's route, operations.
 
-The work is :class:`localtag.service.Service`'s; gRPC is :mod:`localtag.grpc_service`. Routes: every
-Clarifai predict form (double slashes collapsed), model info / output_info / concepts / model types,
-``/filestack/tags``, ``/healthz``, ``/readyz``, ``/metrics``, ``/docs``. Past ``max_queue`` images the
-server answers 503 with ``Retry-After`` and a Clarifai-shaped body, so memory stays flat.
+The work is :class:`localtag.service.Service`'s; gRPC is :mod:`localtag.grpc_service`, the Directus flow
+endpoint :mod:`localtag.directus_flow`. Routes: every Clarifai predict form (double slashes
+collapsed), model info / output_info / concepts / model types, ``/filestack/tags``, ``/healthz``,
+``/readyz``, ``/metrics``, ``/docs``. Past ``max_queue`` images the server answers 503 with
+``Retry-After`` and a Clarifai-shaped body, so memory stays flat.
+
+The app's lifespan owns the models (Immich's habit): it loads them (:func:`localtag.loader.load`),
+warms the text side, starts the batchers and, with ``grpc_port`` set, the gRPC server; it stops them
+all at shutdown.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,9 +28,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import clarifai, cli
+from . import clarifai, directus_flow
 from .config import Settings
-from .images import ImageError
+from .errors import ImageError
+from .limits import TooLarge, read_capped_async
+from .loader import Loaded
 from .service import (
     Metrics,
     Overloaded,
@@ -40,12 +44,26 @@ from .service import (
     load_keys,
     parse_predict,
 )
-from .tagger import Tagger
 
 log = logging.getLogger(__name__)
 
+PREDICT_PATHS = (
+    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}/outputs",
+    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/outputs",
+    "/v2/models/{model_id}/versions/{version_id}/outputs",
+    "/v2/models/{model_id}/outputs",
+    "/v2/users/{user_id}/deployments/{deployment_id}/outputs",
+)
+MODEL_TYPE_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types/{model_type_id}", "/v2/models/types/{model_type_id}")
+MODEL_TYPES_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types", "/v2/models/types")
+MODEL_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/{model_id}", "/v2/models/{model_id}",
+               "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}",
+               "/v2/models/{model_id}/versions/{version_id}")
+OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
+CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
 
-# -- app ---------------------------------------------------------------------------------------------
+
+# -- responses ---------------------------------------------------------------------------------------
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -55,8 +73,8 @@ def _answer(result: tuple[int, dict]) -> JSONResponse:
     return _json(status, body, {"Retry-After": "1"} if status == 503 else None)
 
 
-class _Edge:
-    """ASGI wrapper: collapses double slashes before routing, and records request metrics."""
+class PathAndMetricsMiddleware:
+    """ASGI middleware: collapses double slashes before routing, and records request metrics."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -81,11 +99,195 @@ class _Edge:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = route.path if route is not None else "unmatched"
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
+# -- request helpers ---------------------------------------------------------------------------------
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _authorized(request: Request) -> JSONResponse | None:
+    err = _service(request).check_auth(request.headers.get("authorization"))
+    return _answer(err) if err else None
+
+
+async def read_body(request: Request, svc: Service) -> bytes:
+    """The body; raises :class:`TooLarge` past ``max_request_bytes`` without reading the rest."""
+    svc.reading += 1
+    try:
+        return await read_capped_async(request.stream(), svc.settings.max_request_bytes,
+                                       request.headers.get("content-length"))
+    finally:
+        svc.reading -= 1
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return _json(413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, f"the request body is over {cap} bytes"))
+
+
+async def _read_predict(request: Request, svc: Service) -> PredictRequest | JSONResponse:
+    try:
+        raw = await read_body(request, svc)
+    except TooLarge:
+        return _too_large(svc.settings.max_request_bytes)
+    try:  # a large body is parsed off the event loop
+        return await asyncio.to_thread(parse_predict, raw) if len(raw) > 256_000 else parse_predict(raw)
+    except StatusError as e:
+        return _json(400, clarifai.error_response(e.code, e.details))
+
+
+def _int_param(request: Request, name: str, default: int) -> int | None:
+    v = request.query_params.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+# -- Clarifai routes ---------------------------------------------------------------------------------
+async def predict(request: Request):
+    svc = _service(request)
+    if (denied := _authorized(request)) is not None:
+        return denied
+    if svc.busy(1):
+        return _answer(svc.overloaded_response())
+    req = await _read_predict(request, svc)
+    if isinstance(req, JSONResponse):
+        return req
+    p = request.path_params  # the deployment form names its model in the body, else by the deployment id
+    model_id = p.get("model_id") or req.model_id or (req.model.id if req.model else None) or p.get("deployment_id")
+    return _answer(await svc.predict(req, model_id))
+
+
+async def get_model(request: Request):
+    return _authorized(request) or _answer(_service(request).get_model(request.path_params["model_id"]))
+
+
+async def get_output_info(request: Request):
+    return _authorized(request) or _answer(_service(request).get_output_info(request.path_params["model_id"]))
+
+
+async def list_concepts(request: Request):
+    if (denied := _authorized(request)) is not None:
+        return denied
+    page, per_page = _int_param(request, "page", 1), _int_param(request, "per_page", 128)
+    if page is None or per_page is None:
+        return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, "page and per_page are integers"))
+    return _answer(_service(request).list_concepts(request.path_params["model_id"], page, per_page))
+
+
+async def get_model_type(request: Request):
+    return _authorized(request) or _answer(_service(request).get_model_type(request.path_params["model_type_id"]))
+
+
+async def list_model_types(request: Request):
+    return _authorized(request) or _answer(_service(request).list_model_types())
+
+
+# -- Filestack ---------------------------------------------------------------------------------------
+async def _filestack_input(request: Request, svc: Service) -> tuple[str | None, bytes | None] | JSONResponse:
+    """The image of a Filestack request: ``(url, None)`` or ``(None, bytes)``, or the error answer."""
+    settings = svc.settings
+    url, data = request.query_params.get("url"), None
+    if request.method != "POST" or url is not None:
+        return url, None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    too_large = _json(413, {"error": f"the request body is over {settings.max_request_bytes} bytes"})
+    try:
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > settings.max_request_bytes:
+                return too_large
+            async with request.form(max_files=1, max_fields=20) as form:
+                for value in form.values():
+                    if not isinstance(value, str):  # an UploadFile
+                        data = await value.read(settings.max_bytes + 1)
+                url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
+        else:
+            body = await read_body(request, svc)
+            if ctype == "application/json":
+                raw = json.loads(body)
+                url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
+            else:
+                data = body
+    except TooLarge:
+        return too_large
+    except (ValueError, UnicodeDecodeError) as e:
+        return _json(400, {"error": f"malformed request: {e}"})
+    except StarletteHTTPException as e:
+        return _json(400, {"error": str(e.detail)})
+    return url, data
+
+
+async def filestack_tags(request: Request):
+    """Filestack's image-tagging shape for an upload (multipart, or a raw image body) or a URL."""
+    svc = _service(request)
+    settings = svc.settings
+    if (denied := _authorized(request)) is not None:
+        return denied
+    if svc.busy(1):
+        status, body = svc.overloaded_response()
+        return _json(503, {"error": body["status"]["details"]}, {"Retry-After": "1"})
+    got = await _filestack_input(request, svc)
+    if isinstance(got, JSONResponse):
+        return got
+    url, data = got
+    if not url and not data:
+        return _json(400, {"error": "send an image (multipart file or raw body) or a url"})
+    if data is not None and len(data) > settings.max_bytes:
+        return _json(413, {"error": f"the image is over {settings.max_bytes} bytes"})
+    entry = svc.default
+    try:
+        with svc.admitted(1):
+            values = await svc.image_values(entry, url=url, data=data)
+    except Overloaded:
+        return _json(503, {"error": "the request queue is full; retry later"}, {"Retry-After": "1"})
+    except (ImageError, StatusError) as e:
+        svc.metrics.images.labels("error").inc()
+        status = clarifai.image_error_status(e) if isinstance(e, ImageError) else {"code": e.code}
+        return _json(400, {"error": str(e), "code": status["code"]})
+    svc.metrics.images.labels("ok").inc()
+    tags = entry.tagger.pick(values, max_concepts=settings.max_concepts, min_value=settings.min_value)
+    return {"tags": {"auto": {t.name: int(round(t.value * 100)) for t in tags}, "user": None}}
+
+
+# -- operations --------------------------------------------------------------------------------------
+async def healthz():
+    return {"status": "ok"}
+
+
+async def readyz(request: Request):
+    svc = request.app.state.service
+    if svc is None or not svc.ready:
+        return _json(503, {"status": "starting"})
+    return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load}
+
+
+async def metrics_route(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- errors in Clarifai's shape ----------------------------------------------------------------------
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = clarifai.CONN_DOES_NOT_EXIST if exc.status_code == 404 else clarifai.CONN_INVALID_REQUEST
+    return _json(exc.status_code, clarifai.error_response(code, str(exc.detail)), exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, describe_errors(exc.errors())))
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return _json(500, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE))
+
+
+# -- the app -----------------------------------------------------------------------------------------
 def _path_params(path: str) -> list[dict]:
     return [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
             for p in re.findall(r"{(\w+)}", path)]
@@ -95,37 +297,64 @@ def _query(name: str, kind: str = "string") -> dict:
     return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
 
 
-PREDICT_PATHS = (
-    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}/outputs",
-    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/outputs",
-    "/v2/models/{model_id}/versions/{version_id}/outputs",
-    "/v2/models/{model_id}/outputs",
-    "/v2/users/{user_id}/deployments/{deployment_id}/outputs",
-)
-MODEL_TYPE_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types/{model_type_id}", "/v2/models/types/{model_type_id}")
-MODEL_TYPES_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types", "/v2/models/types")
-MODEL_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/{model_id}", "/v2/models/{model_id}",
-               "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}",
-               "/v2/models/{model_id}/versions/{version_id}")
-OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
-CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
+def _clarifai_routes(app: FastAPI) -> None:
+    predict_body = {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}
+    response_doc = {"200": {"description": "Clarifai MultiOutputResponse"}}
+    routes: list[tuple[str, str, Any, dict]] = []
+    routes += [("POST", p, predict, {"requestBody": predict_body}) for p in PREDICT_PATHS]
+    routes += [("GET", p, get_model_type, {}) for p in MODEL_TYPE_PATHS]
+    routes += [("GET", p, list_model_types, {}) for p in MODEL_TYPES_PATHS]
+    routes += [("GET", p, get_output_info, {}) for p in OUTPUT_INFO_PATHS]
+    routes += [("GET", p, list_concepts, {"parameters": [_query("page", "integer"), _query("per_page", "integer")]})
+               for p in CONCEPTS_PATHS]
+    routes += [("GET", p, get_model, {}) for p in MODEL_PATHS]
+    for method, path, fn, extra in routes:
+        op_id = fn.__name__ + "_" + re.sub(r"\W+", "_", path.strip("/"))
+        openapi = {"parameters": _path_params(path) + extra.pop("parameters", []), **extra}
+        app.add_api_route(path, fn, methods=[method], operation_id=op_id, openapi_extra=openapi,
+                          responses=response_doc, tags=["clarifai"])
 
 
-def create_app(settings: Settings, tagger: Tagger | None = None) -> FastAPI:
-    """The REST app (and, with ``settings.grpc_port`` set, the gRPC server in its lifespan)."""
-    metrics = Metrics()
-    keys = load_keys(settings)
-    state: dict[str, Any] = {}
+def _filestack_routes(app: FastAPI) -> None:
+    doc = {
+        "parameters": [_query("url")],
+        "requestBody": {"required": False, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "url": {"type": "string"}}}},
+            "application/json": {"schema": {"type": "object", "properties": {"url": {"type": "string"}}}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    }
+    responses = {"200": {"description": 'Filestack tags: {"tags": {"auto": {name: 0-100}, "user": null}}'}}
+    app.add_api_route("/filestack/tags", filestack_tags, methods=["POST"], operation_id="filestack_tags_post",
+                      openapi_extra=doc, responses=responses, tags=["filestack"])
+    app.add_api_route("/filestack/tags", filestack_tags, methods=["GET"], operation_id="filestack_tags_get",
+                      openapi_extra={"parameters": [_query("url")]}, responses=responses, tags=["filestack"])
 
+
+def _openapi(app: FastAPI):
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            defs = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components["PredictRequest"] = defs
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return schema
+
+
+def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metrics: Metrics):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        entries = await asyncio.to_thread(build_entries, settings, tagger, metrics.batch_size.observe)
+        entries = await asyncio.to_thread(build_entries, settings, loaded, metrics.batch_size.observe)
         unique = {id(e): e for e in entries.values()}.values()
         for e in unique:
             await asyncio.to_thread(lambda e=e: e.tagger.text_embeddings)  # warm the text side once
             e.batcher.start()
         service = Service(settings, entries, keys, metrics)
-        state["service"] = service
         app.state.service = service
         grpc_server = None
         if settings.grpc_port is not None:
@@ -145,273 +374,31 @@ def create_app(settings: Settings, tagger: Tagger | None = None) -> FastAPI:
                 await e.batcher.stop()
             service.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="localtag", version="0.1.0", lifespan=lifespan,
+    return lifespan
+
+
+def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
+    """The REST app (and, with ``settings.grpc_port`` set, the gRPC server in its lifespan).
+
+    ``loaded``: an already loaded default model (tests); else the lifespan loads ``settings.model``.
+    """
+    metrics = Metrics()
+    keys = load_keys(settings)
+    app = FastAPI(title="localtag", version="0.1.0", lifespan=_lifespan(settings, loaded, keys, metrics),
                   description="Offline image tagging with a Clarifai-compatible API.")
-
-    def service() -> Service:
-        return state["service"]
-
-    # -- errors in Clarifai's shape
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        code = clarifai.CONN_DOES_NOT_EXIST if exc.status_code == 404 else clarifai.CONN_INVALID_REQUEST
-        return _json(exc.status_code, clarifai.error_response(code, str(exc.detail)), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, describe_errors(exc.errors())))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return _json(500, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE))
-
-    # -- helpers over Request
-    async def read_body(request: Request, svc: Service) -> bytes | JSONResponse:
-        """The body, refused (413) past ``max_request_bytes`` without reading the rest."""
-        cap = settings.max_request_bytes
-        too_large = _json(413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, f"the request body is over {cap} bytes"))
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > cap:
-            return too_large
-        chunks, size = [], 0
-        svc.reading += 1
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > cap:
-                    return too_large
-                chunks.append(chunk)
-        finally:
-            svc.reading -= 1
-        return b"".join(chunks)
-
-    async def read_predict(request: Request, svc: Service) -> PredictRequest | JSONResponse:
-        raw = await read_body(request, svc)
-        if isinstance(raw, JSONResponse):
-            return raw
-        try:  # a large body is parsed off the event loop
-            return await asyncio.to_thread(parse_predict, raw) if len(raw) > 256_000 else parse_predict(raw)
-        except StatusError as e:
-            return _json(400, clarifai.error_response(e.code, e.details))
-
-    def int_param(request: Request, name: str, default: int) -> int | None:
-        v = request.query_params.get(name)
-        if v is None or v == "":
-            return default
-        try:
-            return int(v)
-        except ValueError:
-            return None
-
-    def authorized(request: Request) -> JSONResponse | None:
-        err = service().check_auth(request.headers.get("authorization"))
-        return _answer(err) if err else None
-
-    # -- Clarifai routes
-    async def predict(request: Request):
-        svc = service()
-        if (denied := authorized(request)) is not None:
-            return denied
-        if svc.busy(1):
-            return _answer(svc.overloaded_response())
-        req = await read_predict(request, svc)
-        if isinstance(req, JSONResponse):
-            return req
-        p = request.path_params  # the deployment form names its model in the body, else by the deployment id
-        model_id = p.get("model_id") or req.model_id or (req.model.id if req.model else None) or p.get("deployment_id")
-        return _answer(await svc.predict(req, model_id))
-
-    async def get_model(request: Request):
-        return authorized(request) or _answer(service().get_model(request.path_params["model_id"]))
-
-    async def get_output_info(request: Request):
-        return authorized(request) or _answer(service().get_output_info(request.path_params["model_id"]))
-
-    async def list_concepts(request: Request):
-        if (denied := authorized(request)) is not None:
-            return denied
-        page, per_page = int_param(request, "page", 1), int_param(request, "per_page", 128)
-        if page is None or per_page is None:
-            return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, "page and per_page are integers"))
-        return _answer(service().list_concepts(request.path_params["model_id"], page, per_page))
-
-    async def get_model_type(request: Request):
-        return authorized(request) or _answer(service().get_model_type(request.path_params["model_type_id"]))
-
-    async def list_model_types(request: Request):
-        return authorized(request) or _answer(service().list_model_types())
-
-    predict_body = {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}
-    response_doc = {"200": {"description": "Clarifai MultiOutputResponse"}}
-    routes: list[tuple[str, str, Any, dict]] = []
-    routes += [("POST", p, predict, {"requestBody": predict_body}) for p in PREDICT_PATHS]
-    routes += [("GET", p, get_model_type, {}) for p in MODEL_TYPE_PATHS]
-    routes += [("GET", p, list_model_types, {}) for p in MODEL_TYPES_PATHS]
-    routes += [("GET", p, get_output_info, {}) for p in OUTPUT_INFO_PATHS]
-    routes += [("GET", p, list_concepts, {"parameters": [_query("page", "integer"), _query("per_page", "integer")]})
-               for p in CONCEPTS_PATHS]
-    routes += [("GET", p, get_model, {}) for p in MODEL_PATHS]
-    for method, path, fn, extra in routes:
-        op_id = fn.__name__ + "_" + re.sub(r"\W+", "_", path.strip("/"))
-        openapi = {"parameters": _path_params(path) + extra.pop("parameters", []), **extra}
-        app.add_api_route(path, fn, methods=[method], operation_id=op_id, openapi_extra=openapi,
-                          responses=response_doc, tags=["clarifai"])
-
-    # -- Filestack
-    async def filestack_tags(request: Request):
-        """Filestack's image-tagging shape for an upload (multipart, or a raw image body) or a URL."""
-        svc = service()
-        if (denied := authorized(request)) is not None:
-            return denied
-        if svc.busy(1):
-            status, body = svc.overloaded_response()
-            return _json(503, {"error": body["status"]["details"]}, {"Retry-After": "1"})
-        url, data = request.query_params.get("url"), None
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_request_bytes:
-            return _json(413, {"error": f"the request body is over {settings.max_request_bytes} bytes"})
-        if request.method == "POST" and url is None:
-            try:
-                if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-                    async with request.form(max_files=1, max_fields=20) as form:
-                        for value in form.values():
-                            if hasattr(value, "read"):
-                                data = await value.read(settings.max_bytes + 1)
-                        url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
-                else:
-                    body = await read_body(request, svc)
-                    if isinstance(body, JSONResponse):
-                        return _json(413, {"error": f"the request body is over {settings.max_request_bytes} bytes"})
-                    if ctype == "application/json":
-                        raw = json.loads(body)
-                        url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
-                    else:
-                        data = body
-            except (ValueError, UnicodeDecodeError) as e:
-                return _json(400, {"error": f"malformed request: {e}"})
-            except StarletteHTTPException as e:
-                return _json(400, {"error": str(e.detail)})
-        if not url and not data:
-            return _json(400, {"error": "send an image (multipart file or raw body) or a url"})
-        if data is not None and len(data) > settings.max_bytes:
-            return _json(413, {"error": f"the image is over {settings.max_bytes} bytes"})
-        entry = svc.default
-        try:
-            with svc.admitted(1):
-                values = await svc.values(entry, url=url, data=data)
-        except Overloaded:
-            return _json(503, {"error": "the request queue is full; retry later"}, {"Retry-After": "1"})
-        except (ImageError, StatusError) as e:
-            svc.metrics.images.labels("error").inc()
-            status = clarifai.image_error_status(e) if isinstance(e, ImageError) else {"code": e.code}
-            return _json(400, {"error": str(e), "code": status["code"]})
-        svc.metrics.images.labels("ok").inc()
-        tags = entry.tagger.pick(values, max_concepts=settings.max_concepts, min_value=settings.min_value)
-        return {"tags": {"auto": {t.name: int(round(t.value * 100)) for t in tags}, "user": None}}
-
-    filestack_doc = {
-        "parameters": [_query("url")],
-        "requestBody": {"required": False, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"}, "url": {"type": "string"}}}},
-            "application/json": {"schema": {"type": "object", "properties": {"url": {"type": "string"}}}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-    }
-    fs_responses = {"200": {"description": 'Filestack tags: {"tags": {"auto": {name: 0-100}, "user": null}}'}}
-    app.add_api_route("/filestack/tags", filestack_tags, methods=["POST"], operation_id="filestack_tags_post",
-                      openapi_extra=filestack_doc, responses=fs_responses, tags=["filestack"])
-    app.add_api_route("/filestack/tags", filestack_tags, methods=["GET"], operation_id="filestack_tags_get",
-                      openapi_extra={"parameters": [_query("url")]}, responses=fs_responses, tags=["filestack"])
-
-    # -- operations
-    @app.get("/healthz", tags=["ops"])
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"])
-    async def readyz():
-        svc = state.get("service")
-        if svc is None or not svc.ready:
-            return _json(503, {"status": "starting"})
-        return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load}
-
-    @app.get("/metrics", tags=["ops"])
-    async def metrics_route():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    directus = _directus_router()
-    if directus is not None:
-        app.include_router(directus)
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            defs = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(defs.pop("$defs", {}))
-            components["PredictRequest"] = defs
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-    app.add_middleware(_Edge, metrics=metrics)
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.directus_flow = None
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    _clarifai_routes(app)
+    _filestack_routes(app)
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["ops"])
+    app.add_api_route("/metrics", metrics_route, methods=["GET"], tags=["ops"])
+    app.include_router(directus_flow.router)
+    app.openapi = _openapi(app)
+    app.add_middleware(PathAndMetricsMiddleware, metrics=metrics)
     return app
-
-
-def _directus_router():
-    try:
-        from . import directus
-    except ImportError:
-        return None
-    return getattr(directus, "router", None)
-
-
-# -- CLI ---------------------------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(settings: Settings) -> None:
-    """Refuse an open (keyless) server on a non-loopback address unless explicitly allowed."""
-    if not is_loopback(settings.host) and not settings.allow_public_bind and not load_keys(settings):
-        raise ValueError(f"refusing to serve on {settings.host} without API keys: set LOCALTAG_API_KEYS or "
-                         "--api-keys-file, or pass --allow-public-bind")
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    settings = cli.settings_from(args)
-    check_bind(settings)
-    app = create_app(settings)
-    # the asyncio loop: the gRPC server shares it, and grpc.aio does not support uvloop
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", log_level=args.log_level.lower(),
-                server_header=False)
-    return 0
-
-
-@cli.extension
-def _register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve a Clarifai-compatible REST (and gRPC) endpoint")
-    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="HTTP port (default 8080)")
-    s.add_argument("--grpc-port", dest="grpc_port", type=int, help="also serve Clarifai's gRPC API on this port")
-    s.add_argument("--api-keys-file", dest="api_keys_file", type=Path,
-                   help="file with one accepted API key per line (or env LOCALTAG_API_KEYS, a JSON list)")
-    s.add_argument("--allow-public-bind", dest="allow_public_bind", action="store_true", default=None,
-                   help="allow a non-loopback --host without API keys")
-    s.add_argument("--allow-host", dest="allow_hosts", action="append",
-                   help="a host (or host:port) image URLs may reach although it is local, e.g. 127.0.0.1:8055")
-    s.add_argument("--max-queue", dest="max_queue", type=int, help="images admitted at once before 503 (default 512)")
-    s.add_argument("--batch-window-ms", dest="batch_window_ms", type=float, help="batching window (default 5 ms)")
-    cli.add_model_flags(s)
-    s.set_defaults(func=cmd_serve)

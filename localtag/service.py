@@ -24,12 +24,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import clarifai, images
+from . import clarifai, errors
 from .batcher import Batcher
 from .config import Settings
+from .encoder import ImageEncoder
+from .errors import ImageError
 from .fetch import FetchPolicy, fetch
-from .images import ImageError
-from .pipeline import Job, Pipeline
+from .loader import Loaded, load
+from .pipeline import Pipeline
 from .tagger import SelectError, Tagger
 
 log = logging.getLogger(__name__)
@@ -49,57 +51,59 @@ MODEL_TYPE = {
 
 
 # -- request schema (documentation, validation; unknown fields are ignored as Clarifai's clients send many)
-class _Open(BaseModel):
+class Lenient(BaseModel):
+    """A request part that ignores unknown fields (Clarifai's clients send many)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class ImageIn(_Open):
+class ImageIn(Lenient):
     url: str | None = None
     base64: str | None = Field(None, description="standard base64 of the image bytes")
 
 
-class DataIn(_Open):
+class DataIn(Lenient):
     image: ImageIn | None = None
 
 
-class InputIn(_Open):
+class InputIn(Lenient):
     id: str | None = None
     data: DataIn | None = None
 
 
-class ConceptSelector(_Open):
+class ConceptSelector(Lenient):
     id: str | None = None
     name: str | None = None
 
 
-class OutputConfig(_Open):
+class OutputConfig(Lenient):
     max_concepts: int | None = Field(None, ge=0)
     min_value: float | None = Field(None, ge=0.0, le=1.0)
     select_concepts: list[ConceptSelector] | None = None
     language: str | None = None
 
 
-class OutputInfo(_Open):
+class OutputInfo(Lenient):
     output_config: OutputConfig | None = None
 
 
-class ModelVersionIn(_Open):
+class ModelVersionIn(Lenient):
     id: str | None = None
     output_info: OutputInfo | None = None
 
 
-class ModelIn(_Open):
+class ModelIn(Lenient):
     id: str | None = None
     output_info: OutputInfo | None = None
     model_version: ModelVersionIn | None = None
 
 
-class UserAppId(_Open):
+class UserAppId(Lenient):
     user_id: str | None = None
     app_id: str | None = None
 
 
-class PredictRequest(_Open):
+class PredictRequest(Lenient):
     user_app_id: UserAppId | None = None
     model_id: str | None = None
     version_id: str | None = None
@@ -130,15 +134,16 @@ class PredictOptions:
 
 # -- models ------------------------------------------------------------------------------------------
 class ModelEntry:
-    """One served (model, vocabulary): its tagger, decode pipeline and batcher."""
+    """One served (model, vocabulary): its tagger, image encoder, decode pipeline and batcher."""
 
-    def __init__(self, tagger: Tagger, settings: Settings, *, general: bool, on_batch=None):
+    def __init__(self, tagger: Tagger, encoder: ImageEncoder, settings: Settings, *, general: bool, on_batch=None):
         self.tagger = tagger
+        self.encoder = encoder
         self.general = general
-        self.pipeline = Pipeline.from_settings(tagger, settings)
-        # the pipeline resolves batch_size <= 0 (automatic) to a measured size
-        self.batcher = Batcher(tagger, max_batch=self.pipeline.batch_size, window=settings.batch_window_ms / 1000,
-                               on_batch=on_batch)
+        self.pipeline = Pipeline.from_settings(encoder, settings)
+        # the encoder resolves batch_size <= 0 (automatic) to a measured size
+        self.batcher = Batcher(tagger, encoder, max_batch=encoder.batch_size,
+                               window=settings.batch_window_ms / 1000, on_batch=on_batch)
         digest = hashlib.sha256(f"{tagger.info.sha256}:{tagger.vocab.sha256}".encode()).hexdigest()
         self.version_id = clarifai.GENERAL_MODEL_VERSION if general else digest[:32]
         self.user_id, self.app_id = (clarifai.USER_ID, clarifai.APP_ID) if general else ("localtag", "localtag")
@@ -363,7 +368,7 @@ class Service:
         echo = {"image": {"url": url}} if url and not b64 else {"image": {"base64": "dHJ1ZQ=="}}
         model = entry.model_json(model_id)
         try:
-            values = await self.values(entry, url=url, b64=b64)
+            values = await self.image_values(entry, url=url, b64=b64)
         except Exception as e:  # noqa: BLE001 - one input fails, never the whole request
             self.metrics.images.labels("error").inc()
             if isinstance(e, ImageError):
@@ -379,9 +384,10 @@ class Service:
                                  select=opts.select, language=opts.language)
         return clarifai.output_json(input_id, echo, model, tags)
 
-    async def values(self, entry: ModelEntry, *, url: str | None = None, b64: str | bytes | None = None,
-                     data: bytes | None = None):
-        """One image (a URL, base64 or bytes) → its per-concept values; raises ImageError / StatusError."""
+    async def image_values(self, entry: ModelEntry, *, url: str | None = None, b64: str | bytes | None = None,
+                           data: bytes | None = None):
+        """One image (a URL, base64 or bytes): fetched, decoded and embedded with the others of its batch →
+        its per-concept values; raises ImageError / StatusError."""
         loop = asyncio.get_running_loop()
         if data is None and b64:
             prepared = await loop.run_in_executor(self.decode_pool, self._prepare_b64, entry, b64)
@@ -391,14 +397,14 @@ class Service:
                     raise StatusError(clarifai.INPUT_INVALID_ARGUMENT,
                                       "the input needs data.image.url or data.image.base64")
                 data = await fetch(url, self.policy)
-            prepared = await loop.run_in_executor(self.decode_pool, entry.pipeline.prepare, Job("input", data))
+            prepared = await loop.run_in_executor(self.decode_pool, entry.pipeline.prepare_tensor, data)
         if prepared.error is not None:
             raise prepared.error
         return await entry.batcher.submit(prepared.tensor)
 
     def _prepare_b64(self, entry: ModelEntry, b64: str | bytes):
         data = b64 if isinstance(b64, bytes) else decode_base64(b64, self.settings.max_bytes)
-        return entry.pipeline.prepare(Job("input", data))
+        return entry.pipeline.prepare_tensor(data)
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
@@ -407,7 +413,7 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
         text = text.split(",", 1)[1]
     text = "".join(text.split())
     if len(text) * 3 // 4 > max_bytes:
-        raise ImageError(images.TOO_MANY_BYTES, f"about {len(text) * 3 // 4} bytes is over the {max_bytes}-byte limit")
+        raise ImageError(errors.TOO_MANY_BYTES, f"about {len(text) * 3 // 4} bytes is over the {max_bytes}-byte limit")
     text += "=" * (-len(text) % 4)
     alphabet = b"-_" if ("-" in text or "_" in text) else None
     try:
@@ -416,20 +422,20 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
         raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "data.image.base64 is not valid base64") from None
 
 
-def build_entries(settings: Settings, tagger: Tagger | None, on_batch) -> dict[str, ModelEntry]:
+def build_entries(settings: Settings, loaded: Loaded | None, on_batch) -> dict[str, ModelEntry]:
     """Load the default model (unless given) and every configured extra model id, once each."""
-    default_tagger = tagger or Tagger.load(settings)
-    default = ModelEntry(default_tagger, settings, general=True, on_batch=on_batch)
+    default_loaded = loaded or load(settings)
+    default = ModelEntry(*default_loaded, settings, general=True, on_batch=on_batch)
     entries = {i: default for i in GENERAL_IDS}
-    loaded: dict[tuple[str, str | None], ModelEntry] = {}
+    by_key: dict[tuple[str, str | None], ModelEntry] = {}
     for model_id, (model, vocab) in settings.model_ids.items():
         key = (model, str(vocab) if vocab else None)
-        if key not in loaded:
+        if key not in by_key:
             same = model == settings.model and (vocab or None) == settings.vocab
             sub = settings.model_copy(update={"model": model, "vocab": vocab})
-            loaded[key] = ModelEntry(default_tagger if same else Tagger.load(sub), settings, general=False,
+            by_key[key] = ModelEntry(*(default_loaded if same else load(sub)), settings, general=False,
                                      on_batch=on_batch)
-        entries[model_id] = loaded[key]
+        entries[model_id] = by_key[key]
     return entries
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,52 +32,35 @@ import numpy as np
 import torch
 
 from . import models as model_store
-from . import vocab as vocab_mod
+from .devices import autocast, pick_device, resolve_precision
+from .numeric import sigmoid
+from .prompts import NEUTRAL_PROMPTS, TEMPLATES
+from .tag import Tag
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a photo showing {}.",
-    "an image of {}.",
-)
-NEUTRAL_PROMPTS = ("a photo.", "an image.", "a picture.", "a photo of something.", "a photo of an object.")
 SCORINGS = ("binary", "softmax", "sigmoid")
 _CACHE_VERSION = "text-v1"
-
-
-@dataclass(frozen=True)
-class Tag:
-    id: str
-    name: str
-    value: float
 
 
 class SelectError(ValueError):
     """``select_concepts`` matched no concept of the vocabulary."""
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return dev
-
-
 class Tagger:
-    """One loaded model and vocabulary. Thread-safe for concurrent ``tag`` calls (inference only)."""
+    """The text side of one model with one vocabulary: prompt-ensembled concept embeddings, the value
+    mapping (scoring, calibration, parents) and picking. Images are the encoder's job
+    (:class:`localtag.encoder.ImageEncoder`); both are built together by :func:`localtag.loader.load`.
+    Read-only after construction, so safe to share between threads."""
 
     def __init__(
         self,
         info: model_store.ModelInfo,
         vocab: Vocab,
         *,
-        device: str = "auto",
+        model: torch.nn.Module | None = None,
+        device: str | torch.device = "auto",
         scoring: str = "binary",
         cache_dir: str | Path | None = None,
         templates: Sequence[str] | None = None,
@@ -91,21 +73,17 @@ class Tagger:
         self.device = pick_device(device)
         self.scoring = scoring
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.templates = tuple(templates or info.templates or DEFAULT_TEMPLATES)
-        self.model = model_store.build(info).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.templates = tuple(templates or info.templates or TEMPLATES)
+        self.model = model if model is not None else model_store.build(info).to(self.device)
         self.tokenizer = model_store.tokenizer_for(info)
-        self.preprocess = model_store.preprocess_for(info)
-        self.image_size = info.preprocess["size"]
         self.logit_scale = float(self.model.logit_scale.exp().clamp(1, 100).item())
         bias = getattr(self.model, "logit_bias", None)
         self.logit_bias = float(bias.item()) if bias is not None else None
         if scoring == "sigmoid" and self.logit_bias is None:
             raise ValueError(f"{info.name} has no learned logit_bias; use scoring 'binary' or 'softmax'")
-        if calibration is not None and getattr(calibration, "scoring", scoring) != scoring:
+        if calibration is not None and calibration.scoring != scoring:
             log.warning("calibration %s was fitted for scoring %r, not %r: not used",
-                        getattr(calibration, "path", ""), calibration.scoring, scoring)
+                        calibration.path, calibration.scoring, scoring)
             calibration = None
         if calibration is not None and scoring == "softmax":
             log.warning("a calibration does not apply to scoring 'softmax': not used")
@@ -119,25 +97,6 @@ class Tagger:
         self._thresholds = np.array([c.threshold or 0.0 for c in vocab], dtype=np.float32)
         self._priority = np.array([c.priority for c in vocab], dtype=np.float32)
         self._one_priority = bool(len(vocab) == 0 or (self._priority == self._priority[0]).all())
-
-    # -- construction -------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, settings, *, verify: bool = True) -> Tagger:
-        """Model, vocabulary and options from :class:`localtag.config.Settings`."""
-        store = model_store.ModelStore(settings.models_dir)
-        info = store.resolve(settings.model)
-        if verify:
-            store.verify(info, stamp_dir=settings.cache_dir)
-        vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
-        calibration = None
-        try:
-            from . import calibrate as calibrate_mod  # optional: present once calibration is supported
-        except ImportError:
-            calibrate_mod = None
-        if calibrate_mod is not None and hasattr(calibrate_mod, "find_for"):
-            calibration = calibrate_mod.find_for(vocab, info)
-        return cls(info, vocab, device=settings.device, scoring=settings.scoring,
-                   cache_dir=settings.cache_dir, calibration=calibration)
 
     @property
     def model_sha256(self) -> str:
@@ -161,7 +120,7 @@ class Tagger:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
-            with self._autocast():
+            with autocast(self.device, resolve_precision("auto", self.device)):
                 feats = _encode_text(self.model, tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
@@ -219,29 +178,6 @@ class Tagger:
             self._load_text()
         return self._neutral
 
-    # -- image side --------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
-
-    @torch.inference_mode()
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed [N, 3, H, W] tensors → L2-normalised float32 embeddings on CPU."""
-        batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            feats = self.model.encode_image(batch)
-        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
-
-    def embed(self, images: Sequence) -> np.ndarray:
-        """PIL images → [N, dim] float32 L2-normalised embeddings."""
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self.encode(torch.stack([self.preprocess(im) for im in images])).numpy()
-
     # -- scoring -----------------------------------------------------------------------------------
     def logits(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         """Raw per-concept logits [N, concepts] before the value mapping."""
@@ -254,12 +190,12 @@ class Tagger:
             return (self.logit_scale * cos + self.logit_bias).numpy()
         return (self.logit_scale * cos).numpy()
 
-    def scores(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Per-concept values in [0, 1], [N, concepts], calibrated when a calibration is loaded, with
-        parents lifted to their children's values."""
-        return self.values(self.logits(embeddings))
+    def values(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Image embeddings → per-concept values in [0, 1], [N, concepts], calibrated when a calibration
+        is loaded, with parents lifted to their children's values."""
+        return self.logits_to_values(self.logits(embeddings))
 
-    def values(self, logits: np.ndarray, calibration: Any | None = ...) -> np.ndarray:
+    def logits_to_values(self, logits: np.ndarray, calibration: Any | None = ...) -> np.ndarray:
         """Raw logits → values (``calibration``: the loaded one by default, ``None`` for none)."""
         calibration = self.calibration if calibration is ... else calibration
         z = np.asarray(logits, dtype=np.float32)
@@ -270,7 +206,7 @@ class Tagger:
         else:
             if calibration is not None:
                 z = calibration.apply(z)
-            values = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+            values = sigmoid(z)
         values = values.astype(np.float32)
         for child, parent in self._edges:
             np.maximum(values[:, parent], values[:, child], out=values[:, parent])
@@ -329,20 +265,6 @@ class Tagger:
                 idx = idx[order[:max_concepts]]
         idx = idx[np.argsort(-v[idx], kind="stable")]
         return [Tag(self.vocab[i].id, self.vocab[i].display(language), float(v[i])) for i in idx]
-
-    def tag(
-        self,
-        images: Sequence,
-        max_concepts: int = 20,
-        min_value: float = 0.0,
-        select_concepts: Sequence[str] | None = None,
-        language: str | None = None,
-    ) -> list[list[Tag]]:
-        """PIL images → per image, its concepts sorted by value."""
-        select = self.select_indices(select_concepts)
-        values = self.scores(self.embed(images))
-        return [self.pick(row, max_concepts=max_concepts, min_value=min_value, select=select, language=language)
-                for row in values]
 
 
 def _parent_edges(vocab: Vocab) -> list[tuple[int, int]]:

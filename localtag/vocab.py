@@ -38,6 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import labels as labels_file
+
 _ID_RE = re.compile(r"^ai_[A-Za-z0-9]{8}$")
 _BAD_NAME = re.compile(r"[|#=\t]")
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -421,11 +423,6 @@ def load(path: str | Path) -> Vocab:
     return parse(_read(path), source=str(path))
 
 
-def from_names(names: Iterable[str]) -> Vocab:
-    """A flat vocabulary from plain names (tests, ``select_concepts``)."""
-    return Vocab([Concept(id=concept_id(n), name=n, line=i) for i, n in enumerate(names, 1)])
-
-
 # -- composing a vocabulary from label lists (``localtag vocab build``) ------------------------------
 def read_label_list(path: str | Path) -> list[Concept]:
     """Concepts from a label list.
@@ -453,14 +450,8 @@ def read_label_list(path: str | Path) -> list[Concept]:
     def split(cell: str) -> tuple[str, ...]:
         return tuple(s.strip() for s in re.split(r"[;,]", cell) if s.strip())
 
-    if header[:2] == ["path", "labels"]:
-        seen: dict[str, None] = {}
-        for row in rows[1:]:
-            for lab in (row[1].split(";") if len(row) > 1 else []):
-                if lab.strip():
-                    seen.setdefault(" ".join(lab.split()), None)
-        names = list(seen)
-        return [Concept(id=concept_id(n), name=n, line=k) for k, n in enumerate(names, 2)]
+    if labels_file.is_header(rows[0]):  # an evaluation labels file
+        return [Concept(id=concept_id(n), name=n, line=k) for k, n in enumerate(labels_file.names(text, str(path)), 2)]
     col = next((header.index(k) for k in ("name", "label", "concept", "class") if k in header), 0)
     for lineno, row in enumerate(rows[1:], 2):
         if not row or col >= len(row) or not row[col].strip() or row[col].lstrip().startswith("#"):

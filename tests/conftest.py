@@ -64,11 +64,28 @@ def fixture_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fixture_tagger(fixture_model, cache_dir):
+def fixture_loaded(fixture_model, cache_dir):
+    """The fixture model's tagger and image encoder (:func:`localtag.loader.load`), on CPU."""
     from localtag.config import Settings
-    from localtag.tagger import Tagger
+    from localtag.loader import load
 
-    return Tagger.load(Settings(model=str(fixture_model), cache_dir=cache_dir, device="cpu"))
+    return load(Settings(model=str(fixture_model), cache_dir=cache_dir, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def fixture_tagger(fixture_loaded):
+    return fixture_loaded.tagger
+
+
+@pytest.fixture(scope="session")
+def fixture_encoder(fixture_loaded):
+    return fixture_loaded.encoder
+
+
+def tag_images(loaded, images, **pick) -> list:
+    """Decoded PIL images → each image's tags, straight through the encoder and the tagger (no pipeline)."""
+    tagger, encoder = loaded
+    return [tagger.pick(row, **pick) for row in tagger.values(encoder.embed(images))]
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, settings, tagger=None, log_config=None):
+    def __init__(self, settings, loaded=None, log_config=None):
         from localtag.server import create_app
 
-        self.app = create_app(settings, tagger)
+        self.app = create_app(settings, loaded)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", log_level="info",

@@ -17,7 +17,7 @@ import pytest
 
 from localtag import cli
 from localtag.cache import FILENAME, CacheError, EmbeddingCache
-from localtag.tagger import Tagger
+from localtag.encoder import ImageEncoder
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
@@ -152,6 +152,14 @@ def library(coco_images, tmp_path):
     return folder, old, new
 
 
+def spy_on_image_tower(monkeypatch) -> list[int]:
+    """Record the batch size of every run of the image tower (ImageEncoder.forward: CPU and CUDA alike)."""
+    calls: list[int] = []
+    real = ImageEncoder.forward
+    monkeypatch.setattr(ImageEncoder, "forward", lambda self, x: calls.append(len(x)) or real(self, x))
+    return calls
+
+
 def _cli(capsys, *argv) -> tuple[int, str]:
     code = cli.main(list(argv))
     return code, capsys.readouterr().out
@@ -167,9 +175,7 @@ def test_retag_gives_the_tags_of_a_fresh_run_without_the_image_model(library, ra
     code, fresh = _cli(capsys, "tag", str(folder), "--vocab", str(new), "--jsonl", "--no-cache", *common)
     assert code == 0
 
-    calls = []
-    real = Tagger.encode
-    monkeypatch.setattr(Tagger, "encode", lambda self, batch: calls.append(len(batch)) or real(self, batch))
+    calls = spy_on_image_tower(monkeypatch)
     code, retagged = _cli(capsys, "retag", str(folder), "--vocab", str(new), "--jsonl", *common)
     assert code == 0 and calls == []
 
@@ -212,13 +218,38 @@ def test_retag_reports_uncached_content_and_can_embed_it(library, random_store, 
 def test_fast_and_exact_decodes_never_share_entries(tmp_path):
     import numpy as np
 
-    from localtag.cache import open_for
+    from localtag.cache import open_embedding_cache
     from localtag.config import Settings
 
-    class _T:
-        model_sha256 = "ab" * 32
-
-    exact = open_for(Settings(cache_dir=tmp_path), _T())
-    fast = open_for(Settings(cache_dir=tmp_path, fast_decode=True), _T())
+    exact = open_embedding_cache(Settings(cache_dir=tmp_path), "ab" * 32)
+    fast = open_embedding_cache(Settings(cache_dir=tmp_path, fast_decode=True), "ab" * 32)
     exact.put_many([("d" * 64, np.ones(4, np.float32))])
     assert exact.get("d" * 64) is not None and fast.get("d" * 64) is None
+
+
+def test_retag_fast_reads_and_fills_the_fast_entries(library, random_store, tmp_path, capsys, monkeypatch):
+    """`tag --fast` then `retag --fast` gives the same tags from the cache; `retag --fast --embed-missing`
+    stores draft-decoded embeddings under the fast key, never the exact one."""
+    from localtag.cache import EmbeddingCache, cache_key
+    from localtag.models import ModelStore
+
+    folder, old, new = library
+    files = sorted(folder.iterdir())
+    cache = tmp_path / "cache"
+    common = ["--models-dir", str(random_store), "--model", "tiny-random", "--device", "cpu", "--fast",
+              "--cache-dir", str(cache), "--vocab", str(new), "--jsonl"]
+    code, tagged = _cli(capsys, "tag", *map(str, files[:6]), *common)
+    assert code == 0
+    calls = spy_on_image_tower(monkeypatch)
+    code, retagged = _cli(capsys, "retag", *map(str, files[:6]), *common)
+    assert code == 0 and calls == []  # everything came from the --fast entries
+    strip = [{k: v for k, v in json.loads(line).items() if k not in ("id", "created_at")}
+             for line in tagged.splitlines()]
+    assert [{k: v for k, v in json.loads(line).items() if k not in ("id", "created_at")}
+            for line in retagged.splitlines()] == strip
+
+    code, _ = _cli(capsys, "retag", str(folder), "--embed-missing", *common)
+    assert code == 0 and sum(calls) == 4  # the 4 files `tag` never saw
+    sha = ModelStore(random_store).resolve("tiny-random").sha256
+    assert len(EmbeddingCache(cache, cache_key(sha, fast=True))) == 10
+    assert len(EmbeddingCache(cache, cache_key(sha, fast=False))) == 0

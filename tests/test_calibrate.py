@@ -16,8 +16,8 @@ from localtag import cli
 from localtag import vocab as vocab_mod
 from localtag.config import Settings
 from localtag.evaluate import expected_calibration_error
+from localtag.loader import load
 from localtag.models import ModelStore
-from localtag.tagger import Tagger
 
 
 def _sigmoid(x):
@@ -110,16 +110,16 @@ def test_tagger_uses_the_calibration(stored, coco_images, tmp_path):
 
     info, vocab_file, f, _ = stored
     settings = Settings(model=str(info.path), vocab=vocab_file, cache_dir=tmp_path / "c", device="cpu")
-    tagger = Tagger.load(settings)
+    tagger, encoder = load(settings)
     assert tagger.calibration is not None
-    emb = tagger.embed([Image.open(p).convert("RGB") for p in coco_images[:4]])
+    emb = encoder.embed([Image.open(p).convert("RGB") for p in coco_images[:4]])
     z = tagger.logits(emb)
     expected = _sigmoid(z * np.r_[f.a, f.global_a] + np.r_[f.b, f.global_b])
-    np.testing.assert_allclose(tagger.scores(emb), expected, atol=1e-5)
-    np.testing.assert_allclose(tagger.values(z, None), _sigmoid(z), atol=1e-5)
+    np.testing.assert_allclose(tagger.values(emb), expected, atol=1e-5)
+    np.testing.assert_allclose(tagger.logits_to_values(z, None), _sigmoid(z), atol=1e-5)
     # fitted for the binary scoring: not applied to another
-    soft = Tagger.load(Settings(model=str(info.path), vocab=vocab_file, cache_dir=tmp_path / "c", device="cpu",
-                                scoring="softmax"))
+    soft = load(Settings(model=str(info.path), vocab=vocab_file, cache_dir=tmp_path / "c", device="cpu",
+                         scoring="softmax")).tagger
     assert soft.calibration is None
 
 

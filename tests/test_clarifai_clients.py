@@ -15,10 +15,11 @@ import pytest
 from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
+from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import images
+from localtag import decode
 from localtag.config import Settings
 
 KEY = "clients-key-cdef"
@@ -29,10 +30,10 @@ JS_DIR = Path(__file__).resolve().parent / "clarifai_js"
 
 
 @pytest.fixture(scope="module")
-def cats(cifar_test, fixture_tagger) -> list[tuple[bytes, list]]:
+def cats(cifar_test, fixture_loaded) -> list[tuple[bytes, list]]:
     """The 20 CIFAR test cats with the offline tagger's answer for each."""
     data = [p.read_bytes() for p in cifar_test["cat"]]
-    tags = fixture_tagger.tag([images.decode(d) for d in data])
+    tags = tag_images(fixture_loaded, [decode.decode(d) for d in data])
     return list(zip(data, tags, strict=True))
 
 
@@ -49,10 +50,10 @@ def web(cat):
 
 
 @pytest.fixture(scope="module")
-def live(fixture_model, fixture_tagger, cache_dir, web):
+def live(fixture_model, fixture_loaded, cache_dir, web):
     s = Settings(model=str(fixture_model), cache_dir=cache_dir, device="cpu", api_keys=[SecretStr(KEY)],
                  grpc_port=0, allow_hosts=[web.host])
-    with LiveServer(s, fixture_tagger) as server:
+    with LiveServer(s, fixture_loaded) as server:
         yield server
 
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from localtag.directus import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
+from localtag.directus_client import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
 from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus

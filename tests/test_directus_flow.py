@@ -19,9 +19,10 @@ from live_server import LiveServer
 from test_directus_sync import model_settings
 
 from localtag import cli
-from localtag.directus import FLOW_PATH, PROVENANCE_FIELD, SECRET_HEADER, DirectusClient
-from localtag.images import decode
-from localtag.tagger import Tagger
+from localtag.decode import decode
+from localtag.directus_client import FLOW_PATH, SECRET_HEADER, DirectusClient
+from localtag.loader import Loaded, load
+from localtag.tag_merge import PROVENANCE_FIELD
 from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus
@@ -38,13 +39,18 @@ def settings(request, tmp_path_factory, directus):
 
 
 @pytest.fixture(scope="module")
-def tagger(settings):
-    return Tagger.load(settings)
+def loaded(settings):
+    return load(settings)
 
 
 @pytest.fixture(scope="module")
-def live(settings, tagger):
-    with LiveServer(settings, tagger) as server:
+def tagger(loaded):
+    return loaded.tagger
+
+
+@pytest.fixture(scope="module")
+def live(settings, loaded):
+    with LiveServer(settings, loaded) as server:
         yield server
 
 
@@ -54,13 +60,14 @@ def client(directus):
         yield c
 
 
-def model_values(tagger: Tagger, data: bytes) -> dict[str, float]:
+def model_values(loaded: Loaded, data: bytes) -> dict[str, float]:
     """The model's own value for every concept of one image, computed here, outside the server."""
-    values = tagger.scores(tagger.embed([decode(data)]))[0]
+    tagger, encoder = loaded
+    values = tagger.values(encoder.embed([decode(data)]))[0]
     return {c.name: float(v) for c, v in zip(tagger.vocab, values, strict=True)}
 
 
-def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, client, live, tagger, coco_images):
+def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, client, live, loaded, tagger, coco_images):
     name = f"localtag {MARKER}"
     argv = ["directus", "install-flow", "--directus-url", directus.url, "--token", directus.token,
             "--localtag-url", live.base, "--secret", SECRET, "--name", name]
@@ -81,7 +88,7 @@ def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, clien
         assert prov["run"] == "flow" and prov["model_sha256"] == tagger.info.sha256
         assert prov["vocab_sha256"] == tagger.vocab.sha256
         # the tags are the model's best for this photo (a person's "Cat" stays theirs), with its values
-        expected = model_values(tagger, photo)
+        expected = model_values(loaded, photo)
         best = [t.name for t in tagger.pick(np.array(list(expected.values())), max_concepts=3)]
         assert prov["tags"] == [n for n in best if n.casefold() != "cat"] and prov["tags"]
         for tag, value in prov["values"].items():
@@ -95,7 +102,7 @@ def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, clien
     assert client.find_flows(name) == []
 
 
-def test_the_clarifai_tutorial_flow_works_unchanged(directus, client, live, tagger, coco_images):
+def test_the_clarifai_tutorial_flow_works_unchanged(directus, client, live, loaded, tagger, coco_images):
     name = f"tutorial {MARKER}"
     try:
         client.install_tutorial_flow(name, live.base, "any-pat", directus.url, directus.token, threshold=0.0)
@@ -110,7 +117,7 @@ def test_the_clarifai_tutorial_flow_works_unchanged(directus, client, live, tagg
                         json={"inputs": [{"data": {"image": {"url": url}}}]}, timeout=30).json()
     concepts = answer["outputs"][0]["data"]["concepts"]
     assert tags == [c["name"] for c in concepts] and tags
-    expected = model_values(tagger, photo)
+    expected = model_values(loaded, photo)
     assert [c["value"] for c in concepts] == pytest.approx([expected[t] for t in tags], abs=2e-3)
 
 

@@ -8,6 +8,7 @@ by Ctrl-C or by Directus dying mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -19,9 +20,11 @@ from PIL import Image
 
 from localtag import cli
 from localtag.config import Settings
-from localtag.directus import PROVENANCE_FIELD, DirectusClient
-from localtag.sync import SyncOptions, run_sync
-from localtag.tagger import Tagger
+from localtag.decode import decode
+from localtag.directus_client import DirectusClient
+from localtag.directus_sync import SyncOptions, run_sync
+from localtag.loader import load
+from localtag.tag_merge import PROVENANCE_FIELD
 
 pytestmark = pytest.mark.directus
 
@@ -32,9 +35,11 @@ MAX_CONCEPTS = 3
 
 
 def model_settings(request: pytest.FixtureRequest, tmp: Path, **extra) -> Settings:
-    """The trained CIFAR fixture model when it is there, else the random-init tiny model on a small vocabulary."""
-    cache = request.getfixturevalue("cache_dir")
-    base = {"cache_dir": cache, "device": "cpu", "max_concepts": MAX_CONCEPTS, "batch_size": 16, "workers": 2}
+    """The trained CIFAR fixture model when it is there, else the random-init tiny model on a small vocabulary.
+
+    The embedding cache is this module's own (``tmp``): no other test's embeddings can stand in for a
+    sync that failed to download or decode."""
+    base = {"cache_dir": tmp / "cache", "device": "cpu", "max_concepts": MAX_CONCEPTS, "batch_size": 16, "workers": 2}
     if (FIXTURE_MODEL / "manifest.json").is_file():
         return Settings(model=str(FIXTURE_MODEL), **base, **extra)
     (tmp / "vocab.txt").write_text(SMALL_VOCAB)
@@ -115,8 +120,19 @@ def sync_cli(capsys, directus, settings, library, *extra: str) -> tuple[int, dic
     return rc, json.loads(out), err
 
 
-def test_sync_tags_the_library_and_reports_the_rest(capsys, directus, client, settings, library):
-    rc, summary, err = sync_cli(capsys, directus, settings, library)
+@pytest.fixture(scope="module")
+def first_sync(directus, settings, library) -> tuple[int, dict, str]:
+    """The first `localtag directus sync` of the library (every test that needs a synced library uses it)."""
+    argv = ["directus", "sync", "--directus-url", directus.url, "--token", directus.token,
+            "--filter", json.dumps(library["filter"]), "--max-concepts", str(MAX_CONCEPTS), *model_args(settings)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, json.loads(out.getvalue()), err.getvalue()
+
+
+def test_sync_tags_the_library_and_reports_the_rest(directus, client, settings, library, first_sync, coco_images):
+    rc, summary, err = first_sync
     assert summary["total"] == 128 + 3
     assert summary["tagged"] == len(library["images"]) == 128
     assert summary["skipped_reasons"] == {"not an image": 1, "tags field is not a list": 1}
@@ -137,9 +153,19 @@ def test_sync_tags_the_library_and_reports_the_rest(capsys, directus, client, se
     # a person's "Dog" is theirs: localtag never adds a second dog, whatever case
     for file_id, person in library["person"].items():
         assert rows[file_id]["tags"][: len(person)] == person
+    # the tags are the model's own answer for each photo, computed here from the original bytes
+    tagger, encoder = load(settings)
+    plain = [(i, f) for i, f in enumerate(library["coco"]) if f != library["odd"] and f not in library["person"]]
+    values = tagger.values(encoder.embed([decode(coco_images[i]) for i, _ in plain]))
+    for (_, file_id), row in zip(plain, values, strict=True):
+        expected = tagger.pick(row, max_concepts=MAX_CONCEPTS)
+        prov = rows[file_id][PROVENANCE_FIELD]
+        assert prov["tags"] == [t.name for t in expected]
+        assert [prov["values"][t.name] for t in expected] == pytest.approx([t.value for t in expected], abs=2e-4)
 
 
-def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus, client, settings, library):
+def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus, client, settings, library,
+                                                               first_sync):
     rc, again, _ = sync_cli(capsys, directus, settings, library)
     assert again["tagged"] == 0 and again["skipped_reasons"]["already tagged"] == 128 and again["failed"] == 1
 
@@ -173,7 +199,7 @@ def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus,
     assert after[b]["tags"][0] == b_machine[0] and b_machine[0] not in after[b][PROVENANCE_FIELD]["tags"]
 
 
-def test_dry_run_writes_nothing(capsys, directus, client, settings, library):
+def test_dry_run_writes_nothing(capsys, directus, client, settings, library, first_sync):
     before = state(client, [*library["images"], library["odd"]])
     rc, summary, err = sync_cli(capsys, directus, settings, library, "--retag", "--dry-run", "--max-concepts", "2")
     assert summary["dry_run"] and summary["tagged"] == 128 and "would tag 128" in err
@@ -195,8 +221,8 @@ def test_rendition_downloads(directus, client, settings, coco_images):
     marker = f"rendition-{uuid.uuid4().hex[:8]}"
     ids = [client.upload(p, title=marker)["id"] for p in coco_images[:4]]
     bad = client.upload(corrupt_jpeg(coco_images[0]), "broken.jpg", title=marker)["id"]
-    tagger = Tagger.load(settings)
-    summary = run_sync(client, tagger, settings, SyncOptions(filter={"title": {"_eq": marker}}, rendition=96))
+    tagger, encoder = load(settings)
+    summary = run_sync(client, tagger, encoder, settings, SyncOptions(filter={"title": {"_eq": marker}}, rendition=96))
     assert summary.tagged == 4 and summary.failed == 1 and summary.failures[0]["id"] == bad
     assert summary.failures[0]["reason"] in ("corrupt", "not_image")  # the original was fetched and decoded
     uploads = directus.workdir / "uploads"
@@ -217,7 +243,7 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
             fid = c.upload(path, title=marker, **({"tags": tags} if tags else {}))["id"]
             ids.append(fid)
             person[fid] = tags or []
-    tagger = Tagger.load(settings)
+    tagger, encoder = load(settings)
     options = SyncOptions(filter=filt, concurrency=4)
 
     def interrupt_after(n):
@@ -230,7 +256,7 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
         return on_file
 
     with DirectusClient(directus.url, directus.token) as c:
-        first = run_sync(c, tagger, settings, options, on_file=interrupt_after(10))
+        first = run_sync(c, tagger, encoder, settings, options, on_file=interrupt_after(10))
     assert first.interrupted and not first.complete and first.tagged == 10
 
     killed = threading.Event()
@@ -254,7 +280,7 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
     thread.start()
     try:
         with DirectusClient(directus.url, directus.token, retries=2, backoff=0.05) as c:
-            second = run_sync(c, tagger, settings, options, on_file=on_file)
+            second = run_sync(c, tagger, encoder, settings, options, on_file=on_file)
     finally:
         thread.join(60)
         directus.restart()
@@ -262,7 +288,7 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
     assert second.tagged >= 10 and second.tagged + first.tagged < 48
 
     with DirectusClient(directus.url, directus.token) as c:
-        third = run_sync(c, tagger, settings, options)
+        third = run_sync(c, tagger, encoder, settings, options)
         rows = state(c, ids)
     assert third.complete and third.failed == 0
     runs = [rows[f][PROVENANCE_FIELD]["run"] for f in ids]

@@ -11,6 +11,7 @@ import pytest
 from conftest import CIFAR_CLASSES
 
 from localtag import cli
+from localtag import labels as labels_file
 from localtag import vocab as vocab_mod
 from localtag.evaluate import (
     average_precision,
@@ -18,7 +19,6 @@ from localtag.evaluate import (
     label_matrix,
     mean_average_precision,
     prf_at,
-    read_labels,
     reliability,
     topk_accuracy,
 )
@@ -93,15 +93,15 @@ def test_precision_recall_f1_at_thresholds():
 def test_read_labels(tmp_path):
     f = tmp_path / "labels.csv"
     f.write_text('path,labels\na/1.jpg,cat\n"b,2.jpg",dog; Cat \n# skipped,x\n/abs/3.jpg,\na/1.jpg,pet;cat\n\n')
-    rows = read_labels(f, tmp_path / "root")
+    rows = labels_file.read(f, tmp_path / "root")
     assert rows == [(tmp_path / "root" / "a/1.jpg", ["cat", "pet"]),
                     (tmp_path / "root" / "b,2.jpg", ["dog", "Cat"]),
                     (Path("/abs/3.jpg"), [])]
     f.write_text("x.jpg,cat\n")  # no header
-    assert read_labels(f, tmp_path) == [(tmp_path / "x.jpg", ["cat"])]
+    assert labels_file.read(f, tmp_path) == [(tmp_path / "x.jpg", ["cat"])]
     f.write_text("x.jpg,cat,dog\n")
     with pytest.raises(ValueError, match="expected 'path,labels'"):
-        read_labels(f, tmp_path)
+        labels_file.read(f, tmp_path)
 
 
 def test_label_matrix_merges_synonyms_and_adds_ancestors(tmp_path):
@@ -127,7 +127,7 @@ def _write_cifar_labels(root, cifar_test, per_class=6, extra=""):
     return root / "labels.csv"
 
 
-def test_eval_cli_single_label_and_cache_reuse(fixture_model, fixture_tagger, cifar_test, tmp_path, capsys):
+def test_eval_cli_single_label_and_cache_reuse(fixture_model, fixture_loaded, cifar_test, tmp_path, capsys):
     from PIL import Image
 
     root = cifar_test["cat"][0].parents[2]
@@ -142,11 +142,11 @@ def test_eval_cli_single_label_and_cache_reuse(fixture_model, fixture_tagger, ci
     assert out["encoded"] == 60 and out["cached"] == 0 and out["concepts"] == 10
 
     # the same top-1 computed independently, image by image, through the Tagger
-    t = fixture_tagger
+    t, encoder = fixture_loaded
     hits = []
     for cls in CIFAR_CLASSES:
-        emb = t.embed([Image.open(p).convert("RGB") for p in cifar_test[cls][:6]])
-        values = t.values(t.logits(emb), None)
+        emb = encoder.embed([Image.open(p).convert("RGB") for p in cifar_test[cls][:6]])
+        values = t.logits_to_values(t.logits(emb), None)
         hits += [t.vocab[int(i)].name == cls for i in values.argmax(1)]
     assert out["top1"] == pytest.approx(np.mean(hits), abs=1e-6)
     assert out["top1"] > 0.3  # the fixture model has real signal (chance is 0.1)

@@ -11,9 +11,10 @@ from urllib.parse import quote
 import pytest
 from live_server import ImageServer
 
-from localtag import images
-from localtag.fetch import FetchPolicy, fetch, host_allowed, is_public, redact
-from localtag.images import ImageError
+from localtag import errors
+from localtag.addresses import is_public
+from localtag.errors import ImageError
+from localtag.fetch import FetchPolicy, fetch, host_allowed, redact
 
 JPEG = b"\xff\xd8\xff\xe0" + b"jpeg-ish payload" * 10
 
@@ -65,7 +66,7 @@ def test_allow_list_by_host_without_port_and_by_name(web):
 def test_non_public_addresses_are_refused_before_connecting(web, url):
     start = time.monotonic()
     err = refused(url.format(port=web.port), allow_hosts=("example.invalid",))
-    assert err.kind == images.URL_REFUSED
+    assert err.kind == errors.URL_REFUSED
     assert "not a public address" in err.message
     assert time.monotonic() - start < 0.5  # refused from the address, no connection attempt
 
@@ -73,7 +74,7 @@ def test_non_public_addresses_are_refused_before_connecting(web, url):
 @pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "gopher://x/", "not a url",
                                  "http:///nohost"])
 def test_only_http_urls(url):
-    assert refused(url).kind == images.URL_REFUSED
+    assert refused(url).kind == errors.URL_REFUSED
 
 
 @pytest.mark.parametrize("target", ["http://127.0.0.1:{other}/img/a.jpg", "http://169.254.169.254/latest/meta-data/",
@@ -82,7 +83,7 @@ def test_redirect_to_a_refused_address_is_refused(web, target):
     # the first hop is allowed (the local image server); the redirect target is checked again
     url = f"{web.base}/redirect?to=" + target.format(other=web.port + 1)
     err = refused(url, allow_hosts=(web.host,))
-    assert err.kind == images.URL_REFUSED
+    assert err.kind == errors.URL_REFUSED
 
 
 def test_redirects_are_followed_and_bounded(web):
@@ -92,37 +93,37 @@ def test_redirects_are_followed_and_bounded(web):
         chain = f"{web.base}/redirect?to={quote(chain, safe='')}"
     assert run(chain, allow_hosts=(web.host,), max_redirects=3) == JPEG
     err = refused(chain, allow_hosts=(web.host,), max_redirects=2)
-    assert err.kind == images.FETCH_FAILED and "redirects" in err.message
+    assert err.kind == errors.FETCH_FAILED and "redirects" in err.message
     err = refused(f"{web.base}/loop", allow_hosts=(web.host,))
-    assert err.kind == images.FETCH_FAILED and "redirects" in err.message
+    assert err.kind == errors.FETCH_FAILED and "redirects" in err.message
 
 
 def test_404_500_and_token(web):
-    assert refused(f"{web.base}/nothing", allow_hosts=(web.host,)).kind == images.NOT_FOUND
-    assert refused(f"{web.base}/error", allow_hosts=(web.host,)).kind == images.FETCH_FAILED
+    assert refused(f"{web.base}/nothing", allow_hosts=(web.host,)).kind == errors.NOT_FOUND
+    assert refused(f"{web.base}/error", allow_hosts=(web.host,)).kind == errors.FETCH_FAILED
     # Directus-style ?access_token=: works when right; the token never appears in an error message
     assert run(f"{web.base}/assets/a.jpg?access_token={web.token}", allow_hosts=(web.host,)) == JPEG
     err = refused(f"{web.base}/assets/a.jpg?access_token=wrong-secret", allow_hosts=(web.host,))
-    assert err.kind == images.FETCH_FAILED and "403" in err.message and "wrong-secret" not in err.message
+    assert err.kind == errors.FETCH_FAILED and "403" in err.message and "wrong-secret" not in err.message
     assert redact("https://u:pw@h.example:81/p?access_token=t#f") == "https://h.example:81/p"
 
 
 def test_stall_and_slow_drip_time_out(web):
     start = time.monotonic()
     err = refused(f"{web.base}/stall", allow_hosts=(web.host,), timeout=0.5)
-    assert err.kind == images.FETCH_FAILED and "timed out" in err.message
+    assert err.kind == errors.FETCH_FAILED and "timed out" in err.message
     assert time.monotonic() - start < 2
     start = time.monotonic()
     err = refused(f"{web.base}/drip", allow_hosts=(web.host,), timeout=0.5)  # never idle 0.5 s, never done
-    assert err.kind == images.FETCH_FAILED and "timed out" in err.message
+    assert err.kind == errors.FETCH_FAILED and "timed out" in err.message
     assert time.monotonic() - start < 3
 
 
 def test_byte_cap(web):
     err = refused(f"{web.base}/huge", allow_hosts=(web.host,))
-    assert err.kind == images.TOO_MANY_BYTES
+    assert err.kind == errors.TOO_MANY_BYTES
     err = refused(f"{web.base}/chunked", allow_hosts=(web.host,), max_bytes=1_000_000)
-    assert err.kind == images.TOO_MANY_BYTES
+    assert err.kind == errors.TOO_MANY_BYTES
     assert len(run(f"{web.base}/chunked", allow_hosts=(web.host,), max_bytes=5_000_000)) == 64 * 65536
 
 
@@ -141,7 +142,7 @@ def test_no_dns_rebinding_gap(web, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     err = refused(f"http://rebind.example:{web.port}/img/a.jpg", timeout=0.3)
     # had the client resolved the name again it would have reached the local server and succeeded
-    assert err.kind == images.FETCH_FAILED
+    assert err.kind == errors.FETCH_FAILED
     assert calls == ["rebind.example"]
     assert ("/img/a.jpg", f"rebind.example:{web.port}") not in web.seen
 

@@ -10,9 +10,9 @@ from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import images
+from localtag import decode
 from localtag.config import Settings
-from localtag.tagger import Tagger
+from localtag.loader import load
 
 KEY = "grpc-key-89ab"
 MD = (("authorization", f"Key {KEY}"),)
@@ -33,11 +33,11 @@ def setup(random_store, cache_dir, tmp_path_factory, jpegs):
         s = Settings(models_dir=random_store, model="tiny-random", vocab=d / "vocab.txt", cache_dir=cache_dir,
                      device="cpu", api_keys=[SecretStr(KEY)], grpc_port=0, allow_hosts=[web.host],
                      model_ids={"animals": ("tiny-random", d / "vocab.txt")})
-        tagger = Tagger.load(s)
-        with LiveServer(s, tagger) as live:
+        loaded = load(s)
+        with LiveServer(s, loaded) as live:
             channel = ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=live.grpc_port)
             stub = service_pb2_grpc.V2Stub(channel)  # right after its channel: the stub module keys off the last one
-            yield stub, tagger, web, live
+            yield stub, loaded, web, live
             channel.close()
 
 
@@ -53,7 +53,7 @@ def test_predict_bytes_and_url(setup, jpegs):
         inputs=[image_input(jpegs[0], id="first"), image_input(url=f"{web.base}/img/a.jpg")])
     r = stub.PostModelOutputs(req, metadata=MD)
     assert r.status.code == sc.SUCCESS and len(r.outputs) == 2
-    expected = tagger.tag([images.decode(jpegs[0])])[0]
+    expected = tagger.tag([decode.decode(jpegs[0])])[0]
     for out in r.outputs:
         assert out.status.code == sc.SUCCESS
         assert [c.id for c in out.data.concepts] == [t.id for t in expected]
@@ -65,7 +65,7 @@ def test_predict_bytes_and_url(setup, jpegs):
 
 
 def test_output_config_and_configured_model_id(setup, jpegs):
-    stub, tagger, _, _ = setup
+    stub, loaded, _, _ = setup
     cfg = resources_pb2.OutputConfig(max_concepts=2, select_concepts=[resources_pb2.Concept(name="dog"),
                                                                       resources_pb2.Concept(name="ship"),
                                                                       resources_pb2.Concept(name="cat")])
@@ -75,14 +75,15 @@ def test_output_config_and_configured_model_id(setup, jpegs):
                                                                   model=model), metadata=MD)
     assert r.status.code == sc.SUCCESS
     got = [c.name for c in r.outputs[0].data.concepts]
-    values = tagger.scores(tagger.embed([images.decode(jpegs[1])]))[0]
+    tagger, encoder = loaded
+    values = tagger.values(encoder.embed([decode.decode(jpegs[1])]))[0]
     top2 = sorted(["dog", "ship", "cat"], key=lambda n: -values[tagger.vocab.index(n)])[:2]
     assert got == top2
     assert r.outputs[0].model.id == "animals" and r.outputs[0].model.model_version.id != ""
 
 
 def test_model_info_methods(setup):
-    stub, tagger, _, _ = setup
+    stub, (tagger, _), _, _ = setup
     r = stub.GetModel(service_pb2.GetModelRequest(model_id=MODEL), metadata=MD)
     assert r.status.code == sc.SUCCESS and r.model.model_type_id == "visual-classifier"
     assert r.model.model_version.id == "aa7f35c01e0642fda5cf400f543e7c40"

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from localtag.config import Settings
+from localtag.loader import load
 from localtag.models import ModelStore
-from localtag.tagger import Tagger
 
 
 @pytest.fixture(scope="module", params=["ViT-B-32", "RN50"])
@@ -47,10 +47,10 @@ def test_image_and_text_embeddings_match_open_clip(arch_weights, coco_images, tm
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndog\n")
-    tagger = Tagger.load(Settings(models_dir=root, model=arch.lower(), device="cpu", cache_dir=tmp_path, vocab=vocab))
-    from localtag.images import decode
+    tagger, encoder = load(Settings(models_dir=root, model=arch.lower(), device="cpu", cache_dir=tmp_path, vocab=vocab))
+    from localtag.decode import decode
 
-    ours_img = tagger.embed([decode(f) for f in files])
+    ours_img = encoder.embed([decode(f) for f in files])
     ours_txt = tagger.encode_texts(texts).numpy()
     assert np.abs(ours_img - ref_img).max() < 1e-4
     assert np.abs(ours_txt - ref_txt).max() < 1e-4

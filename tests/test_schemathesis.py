@@ -10,7 +10,7 @@ from hypothesis.errors import Unsatisfiable
 from live_server import LiveServer
 
 from localtag.config import Settings
-from localtag.tagger import Tagger
+from localtag.loader import load
 
 EXAMPLES = {"POST": 15, "GET": 6}  # per operation and mode; ~30 operations
 
@@ -22,7 +22,7 @@ def live(random_store, cache_dir, tmp_path_factory):
     # an open server (no keys) so generated requests reach the handlers; short fetch timeouts
     s = Settings(models_dir=random_store, model="tiny-random", vocab=d / "vocab.txt", cache_dir=cache_dir,
                  device="cpu", fetch_timeout=0.5, max_redirects=1)
-    with LiveServer(s, Tagger.load(s)) as server:
+    with LiveServer(s, load(s)) as server:
         yield server
 
 

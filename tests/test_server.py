@@ -17,13 +17,14 @@ from datetime import datetime
 import httpx
 import pytest
 from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
+from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import clarifai, images
+from localtag import clarifai, decode, errors
+from localtag.cli_serve import check_bind
 from localtag.config import Settings
-from localtag.server import check_bind
-from localtag.tagger import Tagger
+from localtag.loader import load
 from localtag.vocab import concept_id
 
 KEY = "good-key-0123"
@@ -44,8 +45,8 @@ def settings(random_store, cache_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tagger(settings):
-    return Tagger.load(settings)
+def loaded(settings):
+    return load(settings)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,9 @@ def web(jpegs):
 
 
 @pytest.fixture(scope="module")
-def live(settings, tagger, web):
+def live(settings, loaded, web):
     s = settings.model_copy(update={"allow_hosts": [web.host]})
-    with LiveServer(s, tagger) as server:
+    with LiveServer(s, loaded) as server:
         yield server
 
 
@@ -104,11 +105,11 @@ def png_bomb(side: int = 30000) -> bytes:
     "//v2/models/general-image-recognition/outputs",
     "/v2//users/clarifai/apps/main//models/general-image-recognition/outputs",
 ])
-def test_every_predict_route_gives_the_same_answer(client, live, tagger, jpegs, path):
+def test_every_predict_route_gives_the_same_answer(client, live, loaded, jpegs, path):
     r = client.post(live.base + path, json=one(jpegs[0]))  # absolute: keeps a leading "//" as sent
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
-    expected = tagger.tag([images.decode(jpegs[0])])[0]
+    expected = tag_images(loaded, [decode.decode(jpegs[0])])[0]
     assert [c["id"] for c in out["data"]["concepts"]] == [t.id for t in expected]
     assert [c["value"] for c in out["data"]["concepts"]] == pytest.approx([t.value for t in expected], abs=1e-5)
     model_id = path.split("/models/")[1].split("/")[0]
@@ -148,7 +149,7 @@ def test_envelope_is_clarifais(client, jpegs, web):
     assert HEX32.match(second["id"]) and second["data"] == {"image": {"url": f"{web.base}/img/1.jpg"}}
 
 
-def test_output_config_both_places(client, tagger, jpegs):
+def test_output_config_both_places(client, loaded, jpegs):
     full = client.post(GENERAL, json=one(jpegs[1])).json()["outputs"][0]["data"]["concepts"]
     assert len(full) == 5  # every visible concept of the vocabulary
     body = one(jpegs[1]) | {"model": {"output_info": {"output_config": {"max_concepts": 2}}}}
@@ -232,9 +233,9 @@ def test_auth(live, jpegs, caplog):
     assert KEY not in logged and FILE_KEY not in logged and "not-the-key" not in logged  # ...without keys
 
 
-def test_open_server_accepts_any_key_and_bind_guard(settings, tagger, jpegs):
+def test_open_server_accepts_any_key_and_bind_guard(settings, loaded, jpegs):
     open_settings = settings.model_copy(update={"api_keys": [], "api_keys_file": None})
-    with LiveServer(open_settings, tagger) as srv, httpx.Client(base_url=srv.base) as c:
+    with LiveServer(open_settings, loaded) as srv, httpx.Client(base_url=srv.base) as c:
         assert c.post(GENERAL, json=one(jpegs[0])).json()["status"]["code"] == 10000
         r = c.post(GENERAL, json=one(jpegs[0]), headers={"Authorization": "Key anything"})
         assert r.json()["status"]["code"] == 10000
@@ -286,7 +287,7 @@ def test_bad_inputs_fail_alone(client, jpegs, web):
     bad = [
         ({"base64": "!!!not base64!!!"}, sc.INPUT_INVALID_ARGUMENT),
         ({"base64": b64(b"this is plain text, not an image")}, sc.INPUT_UNSUPPORTED_FORMAT),
-        ({"base64": b64(truncated)}, clarifai.IMAGE_ERROR_CODES[images.CORRUPT]),
+        ({"base64": b64(truncated)}, clarifai.IMAGE_ERROR_CODES[errors.CORRUPT]),
         ({"base64": b64(png_bomb())}, sc.INPUT_OVER_LIMIT),
         ({}, sc.INPUT_INVALID_ARGUMENT),
         ({"url": "http://127.0.0.1:9/x.jpg"}, sc.INPUT_INVALID_URL),
@@ -322,14 +323,14 @@ def test_bad_inputs_fail_alone(client, jpegs, web):
     assert client.post(GENERAL, json=one(jpegs[0])).json()["status"]["code"] == 10000
 
 
-def test_access_token_urls_and_directus_tutorial_request(live, web, tagger, jpegs):
+def test_access_token_urls_and_directus_tutorial_request(live, web, loaded, jpegs):
     """The request a Directus flow's "Webhook / Request URL" sends, as in Directus's Clarifai tutorial."""
     web.files["file-uuid"] = jpegs[3]
     body = {"inputs": [{"data": {"image": {"url": f"{web.base}/assets/file-uuid?access_token={web.token}"}}}]}
     r = httpx.post(live.base + GENERAL, json=body, headers={"Authorization": f"key {KEY}"})
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
-    expected = tagger.tag([images.decode(jpegs[3])])[0]
+    expected = tag_images(loaded, [decode.decode(jpegs[3])])[0]
     assert [c["name"] for c in out["data"]["concepts"]] == [t.name for t in expected]
     tags = [c["name"] for c in out["data"]["concepts"] if c["value"] > 0.95]  # the tutorial script's filter
     assert tags == [t.name for t in expected if t.value > 0.95]
@@ -339,8 +340,8 @@ def test_access_token_urls_and_directus_tutorial_request(live, web, tagger, jpeg
 
 
 # -- Filestack ------------------------------------------------------------------------------------
-def test_filestack(client, tagger, jpegs, web):
-    expected = {t.name: round(t.value * 100) for t in tagger.tag([images.decode(jpegs[0])])[0]}
+def test_filestack(client, loaded, jpegs, web):
+    expected = {t.name: round(t.value * 100) for t in tag_images(loaded, [decode.decode(jpegs[0])])[0]}
     r = client.post("/filestack/tags", files={"fileUpload": ("a.jpg", jpegs[0], "image/jpeg")})
     assert r.status_code == 200 and r.json() == {"tags": {"auto": expected, "user": None}}
     r = client.post("/filestack/tags", content=jpegs[0], headers={"Content-Type": "image/jpeg"})
@@ -356,9 +357,9 @@ def test_filestack(client, tagger, jpegs, web):
 
 
 # -- batching, overload, operations ---------------------------------------------------------------
-def test_concurrent_requests_share_batches(settings, tagger, jpegs):
+def test_concurrent_requests_share_batches(settings, loaded, jpegs):
     s = settings.model_copy(update={"batch_window_ms": 300.0, "batch_size": 8})
-    with LiveServer(s, tagger) as srv:
+    with LiveServer(s, loaded) as srv:
         def call(i):
             with httpx.Client(base_url=srv.base, headers={"Authorization": f"Key {KEY}"}, timeout=30) as c:
                 return c.post(GENERAL, json=one(jpegs[i % 4])).json()
@@ -366,7 +367,7 @@ def test_concurrent_requests_share_batches(settings, tagger, jpegs):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(call, range(8)))
         assert all(r["status"]["code"] == 10000 for r in results)
-        expected = tagger.tag([images.decode(j) for j in jpegs])
+        expected = tag_images(loaded, [decode.decode(j) for j in jpegs])
         for i, r in enumerate(results):
             assert [c["id"] for c in r["outputs"][0]["data"]["concepts"]] == [t.id for t in expected[i % 4]]
         m = httpx.get(srv.base + "/metrics").text
@@ -375,9 +376,9 @@ def test_concurrent_requests_share_batches(settings, tagger, jpegs):
         assert imgs == 8 and batches < 8  # several requests' images went through one model batch
 
 
-def test_overload_answers_503_and_stays_bounded(settings, tagger, jpegs, web):
+def test_overload_answers_503_and_stays_bounded(settings, loaded, jpegs, web):
     s = settings.model_copy(update={"max_queue": 4, "allow_hosts": [web.host], "fetch_timeout": 1.0})
-    with LiveServer(s, tagger) as srv:
+    with LiveServer(s, loaded) as srv:
         slow = {"inputs": [{"data": {"image": {"url": f"{web.base}/stall"}}}] * 4}
         hdr = {"Authorization": f"Key {KEY}"}
         blocker = threading.Thread(target=lambda: httpx.post(srv.base + GENERAL, json=slow, headers=hdr, timeout=30))
@@ -427,8 +428,8 @@ def test_operations_endpoints(client, live):
     assert "PredictRequest" in spec["components"]["schemas"]
 
 
-def test_body_size_cap(settings, tagger):
+def test_body_size_cap(settings, loaded):
     s = settings.model_copy(update={"max_request_bytes": 10_000})
-    with LiveServer(s, tagger) as srv:
+    with LiveServer(s, loaded) as srv:
         r = httpx.post(srv.base + GENERAL, json=one(b"x" * 20_000), headers={"Authorization": f"Key {KEY}"})
         assert r.status_code == 413 and r.json()["status"]["code"] == sc.CONN_INVALID_REQUEST

@@ -7,14 +7,24 @@ import pytest
 
 from localtag import vocab as vocab_mod
 from localtag.config import Settings
-from localtag.images import decode
+from localtag.decode import decode
+from localtag.loader import Loaded, load
 from localtag.tagger import Tagger
 
 
-def _tagger(store, cache, text: str, **kw) -> Tagger:
+def _loaded(store, cache, text: str, **kw) -> Loaded:
     v = cache / f"v{abs(hash(text))}.txt"
     v.write_text(text)
-    return Tagger.load(Settings(models_dir=store, model="tiny-random", cache_dir=cache, vocab=v, device="cpu", **kw))
+    return load(Settings(models_dir=store, model="tiny-random", cache_dir=cache, vocab=v, device="cpu", **kw))
+
+
+def _tagger(store, cache, text: str, **kw) -> Tagger:
+    return _loaded(store, cache, text, **kw).tagger
+
+
+def _values(loaded: Loaded, images) -> np.ndarray:
+    tagger, encoder = loaded
+    return tagger.values(encoder.embed(images))
 
 
 def test_text_cache_is_built_once_and_rebuilt_on_change(random_store, tmp_path, monkeypatch):
@@ -42,28 +52,30 @@ def test_text_cache_is_built_once_and_rebuilt_on_change(random_store, tmp_path, 
 
 def test_binary_values_do_not_depend_on_the_rest_of_the_vocabulary(random_store, tmp_path, coco_images):
     imgs = [decode(p) for p in coco_images[:3]]
-    small = _tagger(random_store, tmp_path, "cat\ndog\n")
-    big = _tagger(random_store, tmp_path, "cat\ndog\n" + "".join(f"thing {i}\n" for i in range(200)))
-    vs, vb = small.scores(small.embed(imgs)), big.scores(big.embed(imgs))
+    small = _loaded(random_store, tmp_path, "cat\ndog\n")
+    big = _loaded(random_store, tmp_path, "cat\ndog\n" + "".join(f"thing {i}\n" for i in range(200)))
+    vs, vb = _values(small, imgs), _values(big, imgs)
     assert np.allclose(vs, vb[:, :2], atol=1e-6)
     assert ((vb >= 0) & (vb <= 1)).all()
     # a softmax share, by contrast, shrinks as the vocabulary grows
-    ss = _tagger(random_store, tmp_path, "cat\ndog\n", scoring="softmax")
-    sb = _tagger(random_store, tmp_path, "cat\ndog\n" + "".join(f"thing {i}\n" for i in range(200)),
+    ss = _loaded(random_store, tmp_path, "cat\ndog\n", scoring="softmax")
+    sb = _loaded(random_store, tmp_path, "cat\ndog\n" + "".join(f"thing {i}\n" for i in range(200)),
                  scoring="softmax")
-    assert (sb.scores(sb.embed(imgs))[:, :2] < ss.scores(ss.embed(imgs))).all()
+    assert (_values(sb, imgs)[:, :2] < _values(ss, imgs)).all()
 
 
 def test_tag_sorts_limits_and_selects(random_store, tmp_path, coco_images):
-    t = _tagger(random_store, tmp_path, "".join(f"concept {i}\n" for i in range(30)))
-    out = t.tag([decode(p) for p in coco_images[:2]], max_concepts=7)
-    for tags in out:
+    loaded = _loaded(random_store, tmp_path, "".join(f"concept {i}\n" for i in range(30)))
+    t = loaded.tagger
+    values = _values(loaded, [decode(p) for p in coco_images[:2]])
+    out = [t.pick(row, max_concepts=7) for row in values]
+    for tags, row in zip(out, values, strict=True):
         assert len(tags) == 7
         assert [x.value for x in tags] == sorted((x.value for x in tags), reverse=True)
-    full = t.scores(t.embed([decode(coco_images[0])]))[0]
-    assert out[0][0].value == pytest.approx(full.max())
-    sel = t.tag([decode(coco_images[0])], select_concepts=["concept 3", vocab_mod.concept_id("concept 5")])
-    assert {x.name for x in sel[0]} == {"concept 3", "concept 5"}
+        assert [x.value for x in tags] == pytest.approx(sorted(row, reverse=True)[:7])  # the 7 best, none skipped
+    select = t.select_indices(["concept 3", vocab_mod.concept_id("concept 5")])
+    sel = t.pick(values[0], select=select)
+    assert {x.name for x in sel} == {"concept 3", "concept 5"}
 
 
 def test_sigmoid_scoring_needs_a_learned_bias(random_store, tmp_path):

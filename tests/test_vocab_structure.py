@@ -39,6 +39,14 @@ def tagger(random_info, cache_dir):
     return Tagger(random_info, vocab_mod.parse(STRUCTURED), device="cpu", cache_dir=cache_dir)
 
 
+@pytest.fixture(scope="module")
+def encoder(tagger):
+    from localtag.encoder import ImageEncoder
+    from localtag.models import preprocess_for
+
+    return ImageEncoder(tagger.model, preprocess_for(tagger.info), image_size=tagger.info.preprocess["size"])
+
+
 def test_fields_parse():
     v = vocab_mod.parse(STRUCTURED)
     cat = v[v.index("kitty")]
@@ -149,12 +157,13 @@ def test_synonyms_are_one_concept_with_a_merged_prompt_ensemble(tagger):
     assert list(tagger.select_indices([tagger.vocab[cat].id])) == [cat]
 
 
-def test_parents_never_below_children(tagger, coco_images):
+def test_parents_never_below_children(tagger, encoder, coco_images):
     from PIL import Image
 
     images = [Image.open(p).convert("RGB") for p in coco_images[:16]]
-    values = tagger.scores(tagger.embed(images))
-    raw = 1 / (1 + np.exp(-tagger.logits(tagger.embed(images))))
+    embeddings = encoder.embed(images)
+    values = tagger.values(embeddings)
+    raw = 1 / (1 + np.exp(-tagger.logits(embeddings)))
     v = tagger.vocab
     for child in range(len(v)):
         for anc in v.ancestors(child):
@@ -223,14 +232,14 @@ def test_priority_demotes_generic_concepts(tagger):
     assert [t.name for t in tagger.pick(v, max_concepts=4, min_value=0.3)] == ["car", "object", "cat", "dog"]
 
 
-def test_language_column_served(tagger, coco_images):
+def test_language_column_served(tagger, encoder, coco_images):
     from PIL import Image
 
     cat = tagger.vocab.index("cat")
     sel = tagger.select_indices(["cat", "animal", "mammal"])
-    img = [Image.open(coco_images[0]).convert("RGB")]
-    de = tagger.tag(img, select_concepts=["cat", "animal", "mammal"], language="de")[0]
-    en = tagger.tag(img, select_concepts=["cat", "animal", "mammal"])[0]
+    row = tagger.values(encoder.embed([Image.open(coco_images[0]).convert("RGB")]))[0]
+    de = tagger.pick(row, select=sel, language="de")
+    en = tagger.pick(row, select=sel)
     assert {t.name for t in de} == {"Katze", "Tier", "mammal"}  # mammal has no German name
     assert [t.id for t in de] == [t.id for t in en] and [t.value for t in de] == [t.value for t in en]
     v = _values(tagger, cat=0.9)

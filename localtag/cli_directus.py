@@ -13,7 +13,7 @@ import logging
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-from . import cli
+from .cli_common import add_model_flags, progress, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,10 @@ DEFAULT_FLOW_NAME = "localtag: tag uploaded images"
 
 
 def _connect(args: argparse.Namespace):
-    from .directus import DirectusClient
+    from .directus_client import DirectusClient
 
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per request
-    settings = cli.settings_from(args)
+    settings = settings_from(args)
     if not settings.directus_url:
         raise ValueError("give --directus-url or set LOCALTAG_DIRECTUS_URL")
     if settings.directus_token is None:
@@ -34,7 +34,7 @@ def _connect(args: argparse.Namespace):
 
 def flow_url(localtag_url: str) -> str:
     """localtag's base URL gets the flow path; a URL with a path is used as it is."""
-    from .directus import FLOW_PATH
+    from .directus_client import FLOW_PATH
 
     parts = urlsplit(localtag_url)
     if not parts.scheme or not parts.netloc:
@@ -45,7 +45,7 @@ def flow_url(localtag_url: str) -> str:
 
 
 def cmd_install_flow(args: argparse.Namespace) -> int:
-    from .directus import DirectusError, ensure_provenance_field
+    from .directus_client import DirectusError, ensure_provenance_field
 
     settings, client = _connect(args)
     if settings.flow_secret is None or not settings.flow_secret.get_secret_value():
@@ -62,7 +62,9 @@ def cmd_install_flow(args: argparse.Namespace) -> int:
             return 2
     print(json.dumps({"flow": flow_id, "name": args.name, "url": url,
                       "provenance_field": "exists" if had_field else "created"}))
-    if _is_local(urlsplit(url).hostname or ""):
+    from .addresses import resolves_local
+
+    if resolves_local(urlsplit(url).hostname or ""):
         log.warning("%s is a local address: Directus's flows refuse it unless its IMPORT_IP_DENY_LIST leaves it "
                     "out (e.g. IMPORT_IP_DENY_LIST=169.254.169.254; the default 0.0.0.0 means every local "
                     "interface)", urlsplit(url).hostname)
@@ -71,19 +73,8 @@ def cmd_install_flow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_local(host: str) -> bool:
-    import ipaddress
-    import socket
-
-    try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    return any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addrs)
-
-
 def cmd_uninstall_flow(args: argparse.Namespace) -> int:
-    from .directus import DirectusError
+    from .directus_client import DirectusError
 
     _, client = _connect(args)
     with client:
@@ -97,8 +88,9 @@ def cmd_uninstall_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .sync import SyncOptions, run_sync
-    from .tagger import Tagger
+    from .cache import open_embedding_cache
+    from .directus_sync import SyncOptions, run_sync
+    from .loader import load
 
     settings, client = _connect(args)
     filt = None
@@ -113,17 +105,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise ValueError("--concurrency must be at least 1")
     options = SyncOptions(filter=filt, retag=args.retag, dry_run=args.dry_run, concurrency=args.concurrency,
                           rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value)
-    tagger = Tagger.load(settings)
-    cache = None
-    if settings.embedding_cache:
-        try:
-            from .cache import open_for
-        except ImportError:
-            open_for = None
-        cache = open_for(settings, tagger) if open_for else None
-    bar = cli.progress(None, None, args.progress, "directus sync", unit="file")
+    tagger, encoder = load(settings)
+    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    bar = progress(None, None, args.progress, "directus sync", unit="file")
     with client, bar:
-        summary = run_sync(client, tagger, settings, options, progress=bar, cache=cache)
+        summary = run_sync(client, tagger, encoder, settings, options, progress=bar, cache=cache)
     print(json.dumps(summary.to_json()))
     print(summary.text(), file=sys.stderr)
     if summary.interrupted:
@@ -139,8 +125,7 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
                    help="Directus static token (better: env LOCALTAG_DIRECTUS_TOKEN, kept out of `ps`)")
 
 
-@cli.extension
-def _register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("directus", help="tag Directus files: a flow for uploads, a sync for the whole library")
     ds = d.add_subparsers(dest="directus_cmd", required=True)
 
@@ -182,5 +167,5 @@ def _register(sub: argparse._SubParsersAction) -> None:
                    help="progress bar on stderr (default: on a TTY)")
     s.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="use the embedding cache, so --retag after a vocabulary change skips the image model")
-    cli.add_model_flags(s)
+    add_model_flags(s)
     s.set_defaults(func=cmd_sync)

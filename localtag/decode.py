@@ -11,53 +11,57 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import CORRUPT, NOT_FOUND, NOT_IMAGE, TOO_MANY_BYTES, TOO_MANY_PIXELS, ImageError
+
 # Our own limit (``max_pixels``) replaces Pillow's global one, checked before decoding.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-NOT_IMAGE = "not_image"
-CORRUPT = "corrupt"
-TOO_MANY_PIXELS = "too_many_pixels"
-TOO_MANY_BYTES = "too_many_bytes"
-FETCH_FAILED = "fetch_failed"
-URL_REFUSED = "url_refused"
-NOT_FOUND = "not_found"
-
-
-class ImageError(Exception):
-    """One input failed. ``kind`` is one of the module constants; the message is for people."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 def read_source(source: str | Path | bytes, max_bytes: int) -> bytes:
-    """The bytes of a path or of bytes already in memory, with the byte cap applied."""
+    """The bytes of a path or of bytes already in memory, with the byte cap applied.
+
+    Only regular files are read (opened non-blocking, then checked), so a FIFO or a socket named
+    ``*.jpg`` fails at once instead of hanging. Messages do not repeat the path: callers name the input.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise ImageError(TOO_MANY_BYTES, f"{path}: {size} bytes is over the {max_bytes}-byte limit")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(NOT_FOUND, f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(NOT_IMAGE, f"{path}: is a directory") from None
-        except PermissionError:
-            raise ImageError(NOT_FOUND, f"{path}: permission denied") from None
+        data = _read_file(Path(source), max_bytes)
     if len(data) > max_bytes:
         raise ImageError(TOO_MANY_BYTES, f"{len(data)} bytes is over the {max_bytes}-byte limit")
     return data
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(NOT_FOUND, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(NOT_IMAGE, "is a directory") from None
+    except PermissionError:
+        raise ImageError(NOT_FOUND, "permission denied") from None
+    except OSError as e:  # a looping symlink, a socket, a name too long, ...
+        raise ImageError(NOT_FOUND, f"cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(NOT_IMAGE, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(NOT_IMAGE, "not a regular file (a FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise ImageError(TOO_MANY_BYTES, f"{st.st_size} bytes is over the {max_bytes}-byte limit")
+        try:
+            return f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(NOT_FOUND, f"cannot read: {e.strerror or e}") from None
 
 
 def decode(

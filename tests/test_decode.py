@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localtag import images
-from localtag.images import ImageError, decode
+from localtag import errors
+from localtag.decode import decode
+from localtag.errors import ImageError
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -93,7 +94,7 @@ def test_pixel_limit_refuses_bombs_from_the_header():
     assert len(data) < 200_000
     with pytest.raises(ImageError) as e:
         decode(data)
-    assert e.value.kind == images.TOO_MANY_PIXELS and "900.0 MP" in e.value.message
+    assert e.value.kind == errors.TOO_MANY_PIXELS and "900.0 MP" in e.value.message
     with pytest.raises(ImageError, match="over the 0.0 MP limit"):
         decode(_bytes(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
 
@@ -102,7 +103,7 @@ def test_byte_limit(tmp_path):
     data = _bytes(Image.new("RGB", (64, 64)), "PNG")
     with pytest.raises(ImageError) as e:
         decode(data, max_bytes=10)
-    assert e.value.kind == images.TOO_MANY_BYTES
+    assert e.value.kind == errors.TOO_MANY_BYTES
     p = tmp_path / "x.png"
     p.write_bytes(data)
     with pytest.raises(ImageError, match="over the 10-byte limit"):
@@ -112,10 +113,10 @@ def test_byte_limit(tmp_path):
 def test_bad_inputs_fail_with_clear_errors(tmp_path, coco_images):
     jpeg = coco_images[0].read_bytes()
     cases = {
-        b"": images.NOT_IMAGE,
-        b"hello, I am text": images.NOT_IMAGE,
-        jpeg[: len(jpeg) // 2]: images.CORRUPT,  # truncated
-        jpeg[:200]: images.CORRUPT,
+        b"": errors.NOT_IMAGE,
+        b"hello, I am text": errors.NOT_IMAGE,
+        jpeg[: len(jpeg) // 2]: errors.CORRUPT,  # truncated
+        jpeg[:200]: errors.CORRUPT,
     }
     for data, kind in cases.items():
         with pytest.raises(ImageError) as e:
@@ -124,7 +125,7 @@ def test_bad_inputs_fail_with_clear_errors(tmp_path, coco_images):
         assert e.value.message
     with pytest.raises(ImageError) as e:
         decode(tmp_path / "missing.jpg")
-    assert e.value.kind == images.NOT_FOUND and "no such file" in e.value.message
+    assert e.value.kind == errors.NOT_FOUND and "no such file" in e.value.message
 
 
 def test_draft_decodes_large_jpeg_at_reduced_scale(coco_images):

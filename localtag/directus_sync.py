@@ -4,10 +4,10 @@ The walk: files matching the filter that are not images are counted as skipped; 
 a provenance record (``directus_files.localtag``) are counted as done and skipped unless ``retag``; the
 rest are read page by page (:meth:`DirectusClient.iter_files`), downloaded concurrently (the pipeline's
 fetch threads; optionally Directus's own resized rendition), decoded and embedded in batches by
-:class:`~localtag.pipeline.Pipeline`, scored, and written back batch by batch: the batch's current tags
-and records are read again just before writing, merged by :func:`~localtag.directus.plan_tags` and
+:class:`~localtag.pipeline.Pipeline` (its image encoder), scored, and written back batch by batch: the batch's current tags
+and records are read again just before writing, merged by :func:`~localtag.tag_merge.plan_tags` and
 stored one PATCH per file (tags and record together, see the provenance notes in
-:mod:`localtag.directus`).
+:mod:`localtag.tag_merge`).
 
 Resuming needs no state of its own: a file is done exactly when Directus holds its record, so a run
 stopped at any point (Ctrl-C, a crash, Directus going away) is continued by running it again. A file
@@ -30,22 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from .directus import (
-    PROVENANCE_FIELD,
+from .directus_client import (
     DirectusAuthError,
     DirectusClient,
     DirectusError,
     DirectusNotFoundError,
-    TagPlan,
-    TagsFieldError,
     ensure_provenance_field,
     is_transient,
-    plan_tags,
-    provenance_stamp,
     write_plan,
 )
-from .images import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, ImageError
+from .encoder import ImageEncoder
+from .errors import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, ImageError
 from .pipeline import Job, Pipeline
+from .tag_merge import PROVENANCE_FIELD, TagPlan, TagsFieldError, plan_tags, provenance_stamp
+from .tagger import Tagger
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +193,8 @@ class _Fetcher:
 
 def run_sync(
     client: DirectusClient,
-    tagger: Any,
+    tagger: Tagger,
+    encoder: ImageEncoder,
     settings: Any,
     options: SyncOptions | None = None,
     *,
@@ -212,7 +211,7 @@ def run_sync(
     summary = Summary(run=uuid.uuid4().hex[:12], dry_run=options.dry_run, retag=options.retag)
     start = time.monotonic()
     try:
-        _Sync(client, tagger, settings, options, summary, progress, on_file, cache).run()
+        _Sync(client, tagger, encoder, settings, options, summary, progress, on_file, cache).run()
     except KeyboardInterrupt:
         summary.interrupted = True
     except DirectusAuthError as e:
@@ -227,9 +226,10 @@ def run_sync(
 
 
 class _Sync:
-    def __init__(self, client, tagger, settings, options: SyncOptions, summary: Summary, bar, on_file, cache):
+    def __init__(self, client, tagger, encoder, settings, options: SyncOptions, summary: Summary, bar, on_file, cache):
         self.client = client
         self.tagger = tagger
+        self.encoder = encoder
         self.settings = settings
         self.options = options
         self.summary = summary
@@ -265,9 +265,7 @@ class _Sync:
         if self.bar is not None:
             self.bar.total = todo
             self.bar.refresh()
-        pipe = Pipeline(self.tagger, batch_size=self.settings.batch_size, workers=self.settings.workers,
-                        max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes,
-                        fast=self.settings.fast_decode, cache=self.cache, fetchers=max(1, opts.concurrency))
+        pipe = Pipeline.from_settings(self.encoder, self.settings, cache=self.cache, fetchers=max(1, opts.concurrency))
         chunk = max(1, pipe.batch_size)
         results = pipe.run(self._jobs({"_and": walk} if walk else None))
         with contextlib.closing(results), self.writers:
@@ -312,7 +310,7 @@ class _Sync:
                 self._outcome(r.job.key, "failed")
         if not ok:
             return
-        values = self.tagger.scores(np.stack([r.embedding for r in ok]))
+        values = self.tagger.values(np.stack([r.embedding for r in ok]))
         fields = ["tags", PROVENANCE_FIELD] if self.has_field else ["tags"]
         current = self.client.files_by_id([r.job.key for r in ok], fields)
         plans = [(r.job, self._plan(r.job, current.get(r.job.key), v)) for r, v in zip(ok, values, strict=True)]

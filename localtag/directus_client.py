@@ -1,39 +1,35 @@
-"""Directus: a small REST client, localtag's provenance record, and the flow endpoint.
+"""A small Directus REST client: the parts of the API localtag uses, and tag writes with provenance.
 
-- :class:`DirectusClient`: the parts of the API localtag uses. Every request retries 5xx, 429
-  (honouring Retry-After), timeouts and connection errors with exponential backoff and full jitter.
-  401/403 raise DirectusAuthError at once; the token never appears in an error message.
-- Provenance (:func:`plan_tags`, :func:`write_plan`): which tags are localtag's, kept in a json field
-  ``directus_files.localtag``; a person's tags are never removed or overwritten.
-- :data:`router`: ``POST /directus/flow`` for the flow :meth:`DirectusClient.install_flow` makes;
-  ``localtag.server.create_app`` includes it.
+- :class:`DirectusClient`: every request retries 5xx, 429 (honouring Retry-After), timeouts and
+  connection errors with exponential backoff and full jitter. 401/403 raise DirectusAuthError at once;
+  the token never appears in an error message.
+- :func:`ensure_provenance_field`, :func:`write_plan`, :func:`retag_file`: store a
+  :class:`~localtag.tag_merge.TagPlan` (the pure merge rules live in :mod:`localtag.tag_merge`).
 
-The library-wide sync is :mod:`localtag.sync`; the commands are in :mod:`localtag.directus_cli`.
+The library-wide sync is :mod:`localtag.directus_sync`, the flow endpoint :mod:`localtag.directus_flow`,
+the commands :mod:`localtag.cli_directus`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
-import hashlib
-import hmac
 import json
 import logging
 import mimetypes
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
-from .images import ImageError, decode
+from .limits import TooLarge, read_capped
+from .tag_merge import PROVENANCE_FIELD, TagPlan, plan_tags
 
+#: where `localtag serve` takes the flow made by :meth:`DirectusClient.install_flow`
+FLOW_PATH = "/directus/flow"
+SECRET_HEADER = "X-Localtag-Secret"
 DEFAULT_FIELDS = ("id", "type", "tags", "filename_download", "filesize", "width", "height")
 IMAGES_ONLY = {"type": {"_starts_with": "image/"}}
 log = logging.getLogger(__name__)
@@ -119,7 +115,7 @@ class DirectusClient:
             try:
                 with self._http.stream(method, path, **kwargs) as resp:
                     if resp.status_code < 400:
-                        return resp, _read_capped(resp, max_bytes, what)
+                        return resp, _read_body(resp, max_bytes, what)
                     resp.read()
             except _RETRYABLE_ERRORS as exc:
                 if attempt >= retries:
@@ -288,11 +284,6 @@ class DirectusClient:
         form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
         return self._data("POST", "/files", data=form, files={"file": (filename, content, mime)})
 
-    def delete_file(self, file_id: str) -> None:
-        self._request("DELETE", f"/files/{file_id}")
-
-    # ------------------------------------------------------------------ flows
-
     def find_flows(self, name: str) -> list[dict]:
         params = {
             "filter": json.dumps({"name": {"_eq": name}}),
@@ -316,7 +307,7 @@ class DirectusClient:
                     "method": "POST",
                     "url": localtag_url,
                     "headers": [
-                        {"header": "X-Localtag-Secret", "value": secret},
+                        {"header": SECRET_HEADER, "value": secret},
                         {"header": "Content-Type", "value": "application/json"},
                     ],
                     "body": '{"trigger": {{$trigger}}}',
@@ -438,18 +429,6 @@ class DirectusClient:
         return bool(flows)
 
 
-# ====================================================================== provenance
-#
-# Which tags localtag wrote lives in Directus itself, in a json field `localtag` on directus_files that
-# `install-flow` and `sync` create. Every write is ONE PATCH carrying the new `tags` and the new `localtag`
-# record together: Directus stores both in one transaction or neither, so a crash or Ctrl-C at any moment
-# leaves each file either as it was or fully tagged, never with tags it cannot account for; and a PATCH
-# sets whole values, so a retried PATCH changes nothing more. The record travels with the file, so the
-# flow endpoint and any machine running `sync` share it, and people see in Directus which tags are
-# machine tags.
-
-PROVENANCE_FIELD = "localtag"
-PROVENANCE_VERSION = 1
 _FIELD_DEFINITION = {
     "field": PROVENANCE_FIELD,
     "type": "json",
@@ -463,10 +442,6 @@ _FIELD_DEFINITION = {
     },
     "schema": {"is_nullable": True},
 }
-
-
-class TagsFieldError(ValueError):
-    """The file's `tags` hold something other than a list: a person's data, left alone."""
 
 
 def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> bool:
@@ -486,83 +461,6 @@ def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> b
             code=e.code,
         ) from None
     return True
-
-
-def machine_tags(provenance: Any) -> tuple[list[str], list[str]]:
-    """(tags localtag wrote, machine tags a person removed) from a `localtag` record; ([], []) if unusable."""
-    if not isinstance(provenance, dict):
-        return [], []
-
-    def strings(key: str) -> list[str]:
-        value = provenance.get(key)
-        return [t for t in value if isinstance(t, str)] if isinstance(value, list) else []
-
-    return strings("tags"), strings("rejected")
-
-
-@dataclass
-class TagPlan:
-    """The values one write sets: `tags` (the person's, in their order, then the machine's) and the
-    `provenance` record; `added` / `removed` are machine tags, for logs and dry runs."""
-
-    tags: list[Any]
-    provenance: dict[str, Any]
-    added: list[str]
-    removed: list[str]
-
-
-def plan_tags(current: Any, provenance: Any, new: Sequence[Any], stamp: dict[str, Any]) -> TagPlan:
-    """(current tags − localtag's previous tags) ∪ new machine tags, never touching a person's tags.
-
-    - A previous machine tag still present is removed once (its last occurrence: a person may have
-      added the same tag too, and that one stays theirs).
-    - A previous machine tag that is gone was removed by a person: it is remembered (`rejected`) and
-      never written again.
-    - A new machine tag equal (case-insensitively) to a person's tag is not added and not claimed.
-    - `current` None is no tags; anything else but a list raises TagsFieldError.
-    `new`: tagger Tags (or plain names), best first. `stamp`: model, vocabulary and run for the record.
-    """
-    if current is None:
-        current = []
-    if not isinstance(current, list):
-        raise TagsFieldError(f"the tags field holds a JSON {type(current).__name__}, not a list: left as it is")
-    previous, rejected = machine_tags(provenance)
-    person = list(current)
-    removed = []
-    for tag in previous:
-        idx = next((i for i in range(len(person) - 1, -1, -1) if person[i] == tag), None)
-        if idx is None:
-            if tag not in rejected:
-                rejected.append(tag)
-        else:
-            del person[idx]
-            removed.append(tag)
-    taken = {t.casefold() for t in [*person, *rejected] if isinstance(t, str)}
-    machine, values = [], {}
-    for t in new:
-        name = getattr(t, "name", t)
-        if not isinstance(name, str) or not name or name.casefold() in taken:
-            continue
-        taken.add(name.casefold())
-        machine.append(name)
-        if hasattr(t, "value"):
-            values[name] = round(float(t.value), 4)
-    record = {"v": PROVENANCE_VERSION, "tags": machine, "values": values, **stamp}
-    if rejected:
-        record["rejected"] = rejected
-    added = [t for t in machine if t not in removed]
-    return TagPlan(person + machine, record, added, [t for t in removed if t not in machine])
-
-
-def provenance_stamp(tagger: Any, run: str) -> dict[str, Any]:
-    """What a provenance record says about the tagger and the write: model, weights and vocabulary hashes."""
-    return {
-        "model": tagger.info.name,
-        "model_sha256": tagger.info.sha256,
-        "vocab_sha256": tagger.vocab.sha256,
-        "run": run,
-        "tagged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def write_plan(client: DirectusClient, file_id: str, plan: TagPlan) -> None:
@@ -601,21 +499,6 @@ def _combine(filter: dict | None, images_only: bool) -> list[dict]:
     return clauses
 
 
-def _read_capped(resp: httpx.Response, max_bytes: int | None, what: str) -> bytes:
-    if max_bytes is None:
-        return resp.read()
-    declared = resp.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise DirectusError(f"{what}: {declared} bytes is over the {max_bytes}-byte limit", code="TOO_LARGE")
-    chunks, size = [], 0
-    for chunk in resp.iter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise DirectusError(f"{what}: over the {max_bytes}-byte limit", code="TOO_LARGE")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _error_detail(resp: httpx.Response) -> tuple[str, str | None]:
     try:
         err = resp.json()["errors"][0]
@@ -624,148 +507,12 @@ def _error_detail(resp: httpx.Response) -> tuple[str, str | None]:
         return resp.text[:200].strip() or resp.reason_phrase, None
 
 
-# ====================================================================== the flow endpoint
-#
-# POST /directus/flow takes what the flow made by `install_flow` sends for each upload,
-# {"trigger": <$trigger>} (a bare $trigger works too), checks the shared secret, answers 202 at once
-# (the flow's HTTP call has no timeout) and tags the file in the background: download /assets/{key}
-# with the configured static token, tag with the server's own model (its batcher, shared with the REST
-# and gRPC routes), write with plan_tags (a person's tags stay). Transient Directus failures are retried
-# with backoff; a bad image or a refused token is logged once and dropped (`sync` catches up later).
-
-FLOW_PATH = "/directus/flow"
-FLOW_CONCURRENCY = 4
-FLOW_ATTEMPTS = 6  # on top of the client's own retries: about two minutes of Directus downtime
-MAX_FLOW_BODY = 1_000_000
-SECRET_HEADER = "X-Localtag-Secret"
-
-router = APIRouter(tags=["directus"])
 
 
-class FlowWorker:
-    """The background side of the flow endpoint, one per app (``app.state.directus_flow``)."""
-
-    def __init__(self, app: Any, settings: Any) -> None:
-        self.app = app
-        self.settings = settings
-        self.client = DirectusClient(settings.directus_url, settings.directus_token.get_secret_value())
-        self.semaphore = asyncio.Semaphore(FLOW_CONCURRENCY)
-        self.tasks: set[asyncio.Task] = set()
-        self.field_ready = False
-        self.backoff = 1.0
-        self.done = 0
-        self.failed = 0
-
-    def submit(self, key: str, mime: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(key, mime))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _run(self, key: str, mime: str | None) -> None:
-        async with self.semaphore:
-            for attempt in range(FLOW_ATTEMPTS):
-                try:
-                    await self._tag(key, mime)
-                    self.done += 1
-                    return
-                except ImageError as e:
-                    log.warning("directus file %s not tagged: %s: %s", key, e.kind, e.message)
-                except DirectusNotFoundError:
-                    log.warning("directus file %s was deleted before it was tagged", key)
-                except TagsFieldError as e:
-                    log.warning("directus file %s not tagged: %s", key, e)
-                except DirectusError as e:
-                    if is_transient(e) and attempt + 1 < FLOW_ATTEMPTS:
-                        delay = random.uniform(0.5, 1.0) * self.backoff * 2**attempt
-                        log.warning("directus file %s: %s; retrying in %.1f s", key, e, delay)
-                        await asyncio.sleep(delay)
-                        continue
-                    log.error("directus file %s not tagged: %s", key, e)
-                self.failed += 1
-                return
-
-    async def _tag(self, key: str, mime: str | None) -> None:
-        if not self.field_ready:
-            self.field_ready = await asyncio.to_thread(ensure_provenance_field, self.client)
-        if mime is None:  # a trigger without payload.type: ask Directus
-            row = await asyncio.to_thread(self.client.files_by_id, [key], ["type"])
-            if key not in row:
-                raise DirectusNotFoundError(f"file {key} does not exist", code="NOT_FOUND")
-            mime = row[key].get("type") or ""
-            if not mime.startswith("image/"):
-                log.info("directus file %s skipped: not an image (%s)", key, mime or "no type")
-                return
-        data = await asyncio.to_thread(self.client.download, key, max_bytes=self.settings.max_bytes)
-        tagger, tags = await self._predict(data)
-        stamp = provenance_stamp(tagger, "flow")
-        plan = await asyncio.to_thread(retag_file, self.client, key, tags, stamp)
-        log.info("directus file %s tagged: %s", key, ", ".join(plan.provenance["tags"]) or "(no tags)")
-
-    async def _predict(self, data: bytes) -> tuple[Any, list]:
-        """The server's model: its shared batcher when it has a Service, else a Tagger on app.state."""
-        s = self.settings
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            entry = service.default
-            values = await service.values(entry, data=data)
-            return entry.tagger, entry.tagger.pick(values, max_concepts=s.max_concepts, min_value=s.min_value)
-        tagger = self.app.state.tagger
-
-        def run() -> list:
-            img = decode(data, max_pixels=s.max_pixels, max_bytes=s.max_bytes)
-            return tagger.tag([img], max_concepts=s.max_concepts, min_value=s.min_value)[0]
-
-        return tagger, await asyncio.to_thread(run)
-
-
-def _flow_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _secret_matches(given: str, expected: str) -> bool:
-    """Constant time in the secret's content and length (both are hashed first)."""
-    a = hashlib.sha256(given.encode()).digest()
-    b = hashlib.sha256(expected.encode()).digest()
-    return hmac.compare_digest(a, b)
-
-
-@router.post(FLOW_PATH, status_code=202)
-async def directus_flow(request: Request) -> JSONResponse:
-    """Queue the uploaded file of a Directus `files.upload` event for tagging (202), or say why not."""
-    settings = request.app.state.settings
-    if not (settings.flow_secret and settings.directus_url and settings.directus_token):
-        return _flow_error(503, "the Directus flow endpoint is off: set LOCALTAG_FLOW_SECRET, "
-                           "LOCALTAG_DIRECTUS_URL and LOCALTAG_DIRECTUS_TOKEN")
-    if not _secret_matches(request.headers.get(SECRET_HEADER, ""), settings.flow_secret.get_secret_value()):
-        return _flow_error(401, f"missing or wrong {SECRET_HEADER} header")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FLOW_BODY:
-            return _flow_error(413, f"the body is over {MAX_FLOW_BODY} bytes")
+def _read_body(resp: httpx.Response, max_bytes: int | None, what: str) -> bytes:
+    if max_bytes is None:
+        return resp.read()
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        return _flow_error(400, f"malformed JSON: {e}")
-    trigger = doc.get("trigger", doc) if isinstance(doc, dict) else None
-    if not isinstance(trigger, dict):
-        return _flow_error(400, 'expected {"trigger": {{$trigger}}} from a Directus flow')
-    if trigger.get("collection", "directus_files") != "directus_files":
-        return _flow_error(400, f"not a file event (collection {trigger.get('collection')!r})")
-    keys = trigger.get("keys") if isinstance(trigger.get("keys"), list) else [trigger.get("key")]
-    keys = [k for k in keys if isinstance(k, str) and k]
-    if not keys:
-        return _flow_error(400, "the trigger has no file key")
-    payload = trigger.get("payload") if isinstance(trigger.get("payload"), dict) else {}
-    mime = payload.get("type") if isinstance(payload.get("type"), str) else None
-    if mime is not None and not mime.startswith("image/"):
-        return JSONResponse({"skipped": keys, "reason": f"not an image ({mime})"}, status_code=200)
-    worker = getattr(request.app.state, "directus_flow", None)
-    if worker is None:
-        worker = request.app.state.directus_flow = FlowWorker(request.app, settings)
-    if len(worker.tasks) + len(keys) > settings.max_queue:
-        return JSONResponse({"error": "too many files waiting to be tagged; retry later"}, status_code=503,
-                            headers={"Retry-After": "5"})
-    for key in keys:
-        worker.submit(key, mime)
-    return JSONResponse({"queued": keys}, status_code=202)
+        return read_capped(resp.iter_bytes(), max_bytes, resp.headers.get("Content-Length"))
+    except TooLarge as e:
+        raise DirectusError(f"{what}: {e}", code="TOO_LARGE") from None

@@ -1,0 +1,85 @@
+"""``localtag models list | import | pull | verify``: the model store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli_common import settings_from
+
+
+def _store(args: argparse.Namespace):
+    from .models import ModelStore
+
+    return ModelStore(settings_from(args).models_dir)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    models = _store(args).list()
+    if args.json:
+        print(json.dumps([m.manifest() | {"path": str(m.path)} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models; see `localtag models pull --help` and `localtag models import --help`")
+    for m in models:
+        mb = m.size / 1e6
+        print(f"{m.name:40s} {m.arch:22s} {m.preprocess['size']!s:>4}px {mb:8.1f} MB  {m.sha256[:12]}  {m.license}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    info = _store(args).import_checkpoint(
+        args.path, args.arch, args.name, pretrained=args.pretrained or "", source=args.source or "",
+        license=args.license or "", config=args.config, quick_gelu=args.quick_gelu or None, overwrite=args.overwrite,
+    )
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256}))
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    info = _store(args).pull(args.arch, args.pretrained, args.name, overwrite=args.overwrite)
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "source": info.source}))
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from .models import ModelError
+
+    store = _store(args)
+    models = [store.resolve(n) for n in args.names] if args.names else store.list()
+    bad = 0
+    for m in models:
+        try:
+            store.verify(m)
+            print(f"ok      {m.name}  {m.sha256[:12]}")
+        except ModelError as e:
+            bad += 1
+            print(f"FAILED  {m.name}: {e}")
+    return 1 if bad else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("models", help="the model store").add_subparsers(dest="models_cmd", required=True)
+    ml = m.add_parser("list")
+    ml.add_argument("--json", action="store_true")
+    mi = m.add_parser("import", help="copy a local checkpoint into the store")
+    mi.add_argument("path")
+    mi.add_argument("--arch", help="open_clip architecture, e.g. ViT-B-32")
+    mi.add_argument("--name")
+    mi.add_argument("--config", help="open_clip_config.json for a custom architecture")
+    mi.add_argument("--pretrained", help="the pretrained tag or a description, for the manifest")
+    mi.add_argument("--source", help="where the weights came from")
+    mi.add_argument("--license", help="the weights' licence")
+    mi.add_argument("--quick-gelu", action="store_true", help="the weights were trained with QuickGELU")
+    mi.add_argument("--overwrite", action="store_true")
+    mp = m.add_parser("pull", help="download published weights (connected machine only)")
+    mp.add_argument("arch", help="open_clip architecture, or hf-hub:ORG/REPO")
+    mp.add_argument("--pretrained", help="open_clip pretrained tag, e.g. datacomp_s34b_b86k")
+    mp.add_argument("--name")
+    mp.add_argument("--overwrite", action="store_true")
+    mv = m.add_parser("verify", help="check weights against their sha256")
+    mv.add_argument("names", nargs="*")
+    for sp, fn in ((ml, cmd_models_list), (mi, cmd_models_import), (mp, cmd_models_pull), (mv, cmd_models_verify)):
+        sp.add_argument("--models-dir", dest="models_dir", type=Path, default=None)
+        sp.set_defaults(func=fn)

@@ -1,0 +1,41 @@
+"""Loading: settings → the :class:`~localtag.tagger.Tagger` and the :class:`~localtag.encoder.ImageEncoder`
+of one model, sharing one set of weights on one device.
+
+The one place that resolves a model in the store (and verifies its weights), reads the vocabulary,
+finds its calibration (:func:`localtag.calibrate.find_for`) and builds the open_clip model. Every
+adapter (CLI, server, Directus, batch) calls :func:`load`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import calibrate
+from . import models as model_store
+from . import vocab as vocab_mod
+from .config import Settings
+from .devices import pick_device
+from .encoder import ImageEncoder
+from .tagger import Tagger
+
+
+class Loaded(NamedTuple):
+    tagger: Tagger
+    encoder: ImageEncoder
+
+
+def load(settings: Settings, *, verify: bool = True) -> Loaded:
+    """The tagger (text side, scoring, picking) and the image encoder of ``settings.model``."""
+    store = model_store.ModelStore(settings.models_dir)
+    info = store.resolve(settings.model)
+    if verify:
+        store.verify(info, stamp_dir=settings.cache_dir)
+    vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
+    device = pick_device(settings.device)
+    model = model_store.build(info).to(device)
+    tagger = Tagger(info, vocab, model=model, device=device, scoring=settings.scoring, cache_dir=settings.cache_dir,
+                    calibration=calibrate.find_for(vocab, info))
+    encoder = ImageEncoder(model, model_store.preprocess_for(info), image_size=info.preprocess["size"], device=device,
+                           precision=settings.precision, compile=settings.compile, batch_size=settings.batch_size,
+                           max_pixels=settings.max_pixels, max_bytes=settings.max_bytes)
+    return Loaded(tagger, encoder)
