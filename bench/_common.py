@@ -90,13 +90,15 @@ def coco_vocab() -> Path:
     return path
 
 
-def load_tagger(root: Path, name: str, vocab: Path):
+def load_model(root: Path, name: str, vocab: Path, **settings):
+    """The tagger and image encoder (:func:`localtag.loader.load`), the text side built before timing."""
     from localtag.config import Settings
-    from localtag.tagger import Tagger
+    from localtag.loader import load
 
-    t = Tagger.load(Settings(models_dir=root, model=name, vocab=vocab, device="auto", cache_dir=BENCH_DIR / "cache"))
-    t.text_embeddings  # noqa: B018 - build (or load) the text side before anything is timed
-    return t
+    loaded = load(Settings(models_dir=root, model=name, vocab=vocab, device="auto", cache_dir=BENCH_DIR / "cache",
+                           **settings))
+    loaded.tagger.text_embeddings  # noqa: B018 - build (or load) the text side before anything is timed
+    return loaded
 
 
 def coco_files() -> list[Path]:

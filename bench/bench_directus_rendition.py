@@ -38,12 +38,12 @@ def proc_cpu(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def tiny_tagger():
+def tiny_model():
     from conftest import TINY_CFG, make_random_checkpoint
 
     from localtag.config import Settings
+    from localtag.loader import load
     from localtag.models import ModelStore
-    from localtag.tagger import Tagger
 
     root = C.BENCH_DIR / "tiny-store"
     if not (root / "tiny-224" / "manifest.json").is_file():
@@ -52,9 +52,9 @@ def tiny_tagger():
         ModelStore(root).import_checkpoint(ckpt, name="tiny-224", overwrite=True)
     settings = Settings(models_dir=root, model="tiny-224", vocab=C.coco_vocab(), device="cpu",
                         cache_dir=C.BENCH_DIR / "cache", embedding_cache=False, max_concepts=5)
-    tagger = Tagger.load(settings)
-    tagger.text_embeddings  # noqa: B018 - built before anything is timed
-    return tagger, settings
+    loaded = load(settings)
+    loaded.tagger.text_embeddings  # noqa: B018 - built before anything is timed
+    return loaded, settings
 
 
 def counting(client) -> list[int]:
@@ -73,8 +73,9 @@ def counting(client) -> list[int]:
 
 def main() -> None:
     from directus_harness import DirectusServer
-    from localtag.directus import DirectusClient
-    from localtag.sync import SyncOptions, run_sync
+
+    from localtag.directus_client import DirectusClient
+    from localtag.directus_sync import SyncOptions, run_sync
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--coco", type=int, default=128)
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
 
-    tagger, settings = tiny_tagger()
+    loaded, settings = tiny_model()
     sets = {"coco 640px": C.coco_files()[: args.coco], "12 MP": C.big_jpegs(args.big)}
     rows = []
     with DirectusServer() as directus, DirectusClient(directus.url, directus.token) as client:
@@ -101,7 +102,7 @@ def main() -> None:
                 opts = SyncOptions(filter={"title": {"_eq": marker}}, dry_run=True, concurrency=args.concurrency,
                                    rendition=width)
                 d0, t0, c0 = proc_cpu(node), time.perf_counter(), time.process_time()
-                summary = C.in_thread(run_sync, client, tagger, s, opts)
+                summary = C.in_thread(run_sync, client, *loaded, s, opts)
                 wall, cpu, dcpu = time.perf_counter() - t0, time.process_time() - c0, proc_cpu(node) - d0
                 assert summary.tagged == len(files), summary.to_json()
                 rows.append({"set": label, "images": len(files), "variant": name, "wall_s": round(wall, 2),

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import _common as C
 
 
-def embed(tagger, files, draft, bs: int = 32):
+def embed(encoder, files, draft, bs: int = 32):
     import numpy as np
     import torch
 
@@ -33,13 +33,13 @@ def embed(tagger, files, draft, bs: int = 32):
 
     def prep(f):
         img = decode.decode(f, draft=draft)
-        return tagger.preprocess(img), img.size
+        return encoder.pre.tensor(img), img.size
 
     out, sizes = [], []
     with ThreadPoolExecutor(2) as pool:
         for i in range(0, len(files), bs):
             got = list(pool.map(prep, files[i : i + bs]))
-            out.append(tagger.encode(torch.stack([t for t, _ in got])).numpy())
+            out.append(encoder.encode(torch.stack([t for t, _ in got])).numpy())
             sizes += [s for _, s in got]
     return np.concatenate(out), sizes
 
@@ -47,7 +47,7 @@ def embed(tagger, files, draft, bs: int = 32):
 def compare(tagger, exact, fast, k: int = 5) -> dict:
     import numpy as np
 
-    ve, vf = tagger.scores(exact), tagger.scores(fast)
+    ve, vf = tagger.values(exact), tagger.values(fast)
     te = np.argsort(-ve, axis=1)[:, :k]
     tf = np.argsort(-vf, axis=1)[:, :k]
     overlap = [len(set(a) & set(b)) / k for a, b in zip(te, tf, strict=True)]
@@ -70,21 +70,19 @@ def main() -> None:
     args = ap.parse_args()
     print(json.dumps(C.machine()), flush=True)
 
-    from localtag.pipeline import _short_side
-
     sets = {"COCO 640×480": C.coco_files()[: args.coco], "12 MP JPEG": C.big_jpegs(args.big)}
     rows = []
     for name in args.models:
         if name == "cifar10-tiny":
-            tagger = C.load_tagger(C.REPO / "models", str(C.REPO / "models" / "cifar10-tiny"),
-                                   C.REPO / "models" / "cifar10-tiny" / "vocab.txt")
+            tagger, encoder = C.load_model(C.REPO / "models", str(C.REPO / "models" / "cifar10-tiny"),
+                                           C.REPO / "models" / "cifar10-tiny" / "vocab.txt")
         else:
-            tagger = C.load_tagger(C.random_store(name), f"{name}-random", C.coco_vocab())
-        size = _short_side(tagger.image_size)
+            tagger, encoder = C.load_model(C.random_store(name), f"{name}-random", C.coco_vocab())
+        size = encoder.image_size
         for set_name, files in sets.items():
-            exact, exact_sizes = embed(tagger, files, None)
+            exact, exact_sizes = embed(encoder, files, None)
             for margin in (2, 1):
-                fast, fast_sizes = embed(tagger, files, margin * size)
+                fast, fast_sizes = embed(encoder, files, margin * size)
                 r = {"model": name, "input px": size, "images": f"{set_name} ×{len(files)}", "margin": margin,
                      "drafted": sum(a != b for a, b in zip(exact_sizes, fast_sizes, strict=True)) / len(files),
                      **compare(tagger, exact, fast)}

@@ -48,7 +48,7 @@ def child(n: int, bs: int) -> None:
 
     from localtag.pipeline import Job, Pipeline
 
-    tagger = C.load_tagger(tiny_store(), "tiny-random", C.coco_vocab())
+    tagger, encoder = C.load_model(tiny_store(), "tiny-random", C.coco_vocab())
     files = C.coco_files()
     before = C.rss_mb()[0]
 
@@ -60,11 +60,11 @@ def child(n: int, bs: int) -> None:
     samples = []
     buf = []
     with C.Timer() as t:
-        for i, r in enumerate(Pipeline(tagger, batch_size=bs, workers=2).run(jobs()), 1):
+        for i, r in enumerate(Pipeline(encoder, batch_size=bs, workers=2).run(jobs()), 1):
             assert r.ok
             buf.append(r.embedding)
             if len(buf) == bs:
-                for row in tagger.scores(np.stack(buf)):
+                for row in tagger.values(np.stack(buf)):
                     tagger.pick(row)
                 buf = []
             if i % 1000 == 0:

@@ -22,7 +22,6 @@ in the number of prompts), because the full build takes over half an hour of thi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -74,11 +73,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from localtag import cli
     from localtag.cache import EmbeddingCache, cached_results
     from localtag.config import Settings
-    from localtag.pipeline import walk
-    from localtag.tagger import Tagger
+    from localtag.loader import load
+    from localtag.sinks import write_tags
+    from localtag.sources import walk
 
     arch = C.DEFAULT_ARCH
     root = C.random_store(arch)
@@ -88,7 +87,7 @@ def main() -> None:
     settings = Settings(models_dir=root, model=f"{arch}-random", vocab=vocab, cache_dir=cache_dir, device="cpu")
 
     # -- setup: the embedding cache and the text cache ------------------------------------------------
-    tagger = Tagger.load(settings)
+    tagger = load(settings).tagger
     cache = EmbeddingCache(cache_dir, tagger.model_sha256)
     if len(cache) < len(files):
         rng = np.random.default_rng(0)
@@ -112,7 +111,7 @@ def main() -> None:
     phases = {}
     with C.Timer() as total:
         with C.Timer() as t:
-            tagger = Tagger.load(settings)
+            tagger = load(settings).tagger
         phases["load tagger (build model)"] = t.s
         with C.Timer() as t:
             tagger.text_embeddings  # noqa: B018
@@ -122,10 +121,9 @@ def main() -> None:
             results = list(cached_results(EmbeddingCache(cache_dir, tagger.model_sha256), jobs))
         assert all(r.ok for r in results), [r.error.message for r in results if not r.ok][:3]
         phases[f"look up {len(jobs)} files (stat + SQLite)"] = t.s
-        ns = cli.build_parser().parse_args(["retag", str(folder), "--jsonl"])
-        with C.Timer() as t, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            code = cli.write_tags(ns, settings, tagger, results, len(results))
-        assert code == 0
+        with C.Timer() as t, open(os.devnull, "w") as null:
+            written = write_tags(tagger, results, fmt="jsonl", max_concepts=settings.max_concepts, out=null)
+        assert written.failed == 0 and written.total == len(results)
         phases["score + pick 20 + write JSONL"] = t.s
     phases["total in process"] = total.s
     core = total.s - phases["load tagger (build model)"]
@@ -148,7 +146,7 @@ def main() -> None:
         return print_table(phases)
     sample = C.BENCH_DIR / f"vocab{args.text_sample}-sample.txt"
     sample.write_text("".join(vocab.read_text().splitlines(keepends=True)[: args.text_sample]))
-    tagger = Tagger.load(settings.model_copy(update={"vocab": sample}))
+    tagger = load(settings.model_copy(update={"vocab": sample})).tagger
     tagger.cache_dir = None  # no text cache: the text tower encodes every prompt
     with C.Timer() as t:
         tagger.text_embeddings  # noqa: B018

@@ -3,7 +3,7 @@
 Target: the server reaches ≥ 0.8× the offline throughput. One run, one model object, the same images:
 
 - offline: ``Pipeline.run`` over the image files (``--batch-size``) + scoring + picking, as ``localtag tag``;
-- server: ``localtag.server.create_app(settings, tagger)`` under uvicorn on 127.0.0.1 (a thread of this
+- server: ``localtag.server.create_app(settings, loaded)`` under uvicorn on 127.0.0.1 (a thread of this
   process); ``--clients`` asyncio clients (httpx) each POST one image at a time (base64, Clarifai's
   ``/v2/models/general-image-recognition/outputs``), back to back, until every image is done. The
   clients run in the same process (their JSON and base64 work is small next to the model's).
@@ -26,13 +26,14 @@ import time
 import _common as C
 
 
-def offline(tagger, files, bs: int) -> float:
+def offline(loaded, files, bs: int) -> float:
     from bench_throughput import score
 
-    from localtag.pipeline import Pipeline, walk
+    from localtag.pipeline import Pipeline
+    from localtag.sources import walk
 
     with C.Timer() as t:
-        n = score(tagger, Pipeline(tagger, batch_size=bs, workers=2).run(walk(files)))
+        n = score(loaded.tagger, Pipeline(loaded.encoder, batch_size=bs, workers=2).run(walk(files)))
     assert n == len(files)
     return C.rates(n, t)
 
@@ -79,7 +80,7 @@ def main() -> None:
     from localtag.server import create_app
 
     root = C.random_store(args.arch)
-    tagger = C.load_tagger(root, f"{args.arch}-random", C.coco_vocab())
+    loaded = C.load_model(root, f"{args.arch}-random", C.coco_vocab())
     files = C.coco_files()[: args.images]
     payloads = [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(f.read_bytes()).decode()}}}]})
                 .encode() for f in files]
@@ -89,11 +90,11 @@ def main() -> None:
         port = s.getsockname()[1]
     settings = Settings(models_dir=root, model=f"{args.arch}-random", vocab=C.coco_vocab(), device="cpu",
                         cache_dir=C.BENCH_DIR / "cache", host="127.0.0.1", port=port, batch_size=args.batch_size)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, tagger), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host="127.0.0.1", port=port,
                                            log_level="warning", loop="asyncio"))
     thread = threading.Thread(target=server.run, daemon=True)
 
-    off1 = C.in_thread(offline, tagger, files, args.batch_size)
+    off1 = C.in_thread(offline, loaded, files, args.batch_size)
     thread.start()
     while not server.started:
         time.sleep(0.05)
@@ -102,7 +103,7 @@ def main() -> None:
     srv = asyncio.run(clients(url, payloads, args.clients))
     server.should_exit = True
     thread.join(timeout=30)
-    off2 = C.in_thread(offline, tagger, files, args.batch_size)
+    off2 = C.in_thread(offline, loaded, files, args.batch_size)
     rows = []
     for key, what in (("est", "dedicated-machine estimate (cores / CPU-s per image)"), ("wall", "wall clock")):
         off = (off1[key] + off2[key]) / 2

@@ -4,7 +4,7 @@ Same run, same batch size, real photos (COCO, ~640×480) and the same photos ups
 Models are random-init (no pretrained weights can be had here; speed does not depend on the weights):
 the default model's architecture ViT-B-32-256 and ViT-B-32.
 
-- (a) ``tagger.encode`` on tensors preprocessed beforehand, ``--batch-size`` at a time: the compute
+- (a) ``ImageEncoder.encode`` on tensors preprocessed beforehand, ``--batch-size`` at a time: the compute
   limit of the model on this machine;
 - (b) what a user writes with open_clip: ``Image.open`` → open_clip's preprocess → ``encode_image``
   on one image at a time;
@@ -35,40 +35,41 @@ def score(tagger, results) -> int:
         if r.ok:
             buf.append(r.embedding)
         if len(buf) >= 64:
-            for row in tagger.scores(np.stack(buf)):
+            for row in tagger.values(np.stack(buf)):
                 tagger.pick(row, max_concepts=20)
             buf = []
     if buf:
-        for row in tagger.scores(np.stack(buf)):
+        for row in tagger.values(np.stack(buf)):
             tagger.pick(row, max_concepts=20)
     return n
 
 
-def forward_only(tagger, tensors, bs: int) -> dict:
+def forward_only(encoder, tensors, bs: int) -> dict:
     import torch
 
-    batches = [torch.stack(tensors[i : i + bs]).to(tagger.device) for i in range(0, len(tensors), bs)]
+    batches = [torch.stack(tensors[i : i + bs]).to(encoder.device) for i in range(0, len(tensors), bs)]
     with C.Timer() as t:
         for b in batches:
-            tagger.encode(b)  # returns on the CPU: synchronises on CUDA
-    return C.rates(len(tensors), t, tagger.device.type == "cuda")
+            encoder.encode(b)  # returns on the CPU: synchronises on CUDA
+    return C.rates(len(tensors), t, encoder.cuda)
 
 
-def naive(tagger, files) -> dict:
+def naive(encoder, files) -> dict:
+    """open_clip's own loop, one image at a time (the reference, outside localtag's encoder)."""
     import torch
     from PIL import Image
 
-    model, preprocess = tagger.model, tagger.preprocess  # open_clip's model and its eval transform
+    model, preprocess = encoder.model, encoder.pre.transform  # open_clip's model and its eval transform
     prep_cpu = 0.0
     with C.Timer() as t, torch.inference_mode():
         for f in files:
             c0 = time.process_time()
-            x = preprocess(Image.open(f)).unsqueeze(0).to(tagger.device)
+            x = preprocess(Image.open(f)).unsqueeze(0).to(encoder.device)
             prep_cpu += time.process_time() - c0
             feats = model.encode_image(x)
             torch.nn.functional.normalize(feats, dim=-1).cpu()
-    r = C.rates(len(files), t, tagger.device.type == "cuda")
-    if tagger.device.type != "cuda":
+    r = C.rates(len(files), t, encoder.cuda)
+    if not encoder.cuda:
         # one image at a time: its decode and preprocessing run on one core while the other waits;
         # only the forward pass can use every core (counted as if perfectly parallel: favours naive)
         cores = len(os.sched_getaffinity(0))
@@ -76,35 +77,37 @@ def naive(tagger, files) -> dict:
     return r
 
 
-def end_to_end(tagger, files, bs: int, workers: int, fast: bool) -> dict:
-    from localtag.pipeline import Pipeline, walk
+def end_to_end(loaded, files, bs: int, workers: int, fast: bool) -> dict:
+    from localtag.pipeline import Pipeline
+    from localtag.sources import walk
 
-    pipe = Pipeline(tagger, batch_size=bs, workers=workers, fast=fast)
+    tagger, encoder = loaded
+    pipe = Pipeline(encoder, batch_size=bs, workers=workers, fast=fast)
     with C.Timer() as t:
         n = score(tagger, pipe.run(walk(files)))
     assert n == len(files)
-    return C.rates(len(files), t, tagger.device.type == "cuda")
+    return C.rates(len(files), t, encoder.cuda)
 
 
 def run_arch(arch: str, sets: dict, bs: int, workers: int) -> list[dict]:
     from localtag import decode
-    from localtag.pipeline import auto_batch_size
 
     root = C.random_store(arch)
-    tagger = C.load_tagger(root, f"{arch}-random", C.coco_vocab())
-    bs = bs if bs > 0 else auto_batch_size(tagger)
+    loaded = C.load_model(root, f"{arch}-random", C.coco_vocab(), batch_size=bs)
+    encoder = loaded.encoder
+    bs = encoder.batch_size  # a setting <= 0 is measured on CUDA
     rows = []
     for set_name, files in sets.items():
-        tensors = [tagger.preprocess(decode.decode(f)) for f in files]
-        C.in_thread(forward_only, tagger, tensors[:bs], bs)  # warm-up
+        tensors = [encoder.pre.tensor(decode.decode(f)) for f in files]
+        C.in_thread(forward_only, encoder, tensors[:bs], bs)  # warm-up
         r = {"arch": arch, "images": f"{set_name} ×{len(files)}", "batch": bs,
-             "a1": C.in_thread(forward_only, tagger, tensors, bs)}
+             "a1": C.in_thread(forward_only, encoder, tensors, bs)}
         del tensors
-        r["c_exact"] = C.in_thread(end_to_end, tagger, files, bs, workers, False)
-        r["c_fast"] = C.in_thread(end_to_end, tagger, files, bs, workers, True)
-        r["b"] = C.in_thread(naive, tagger, files)
-        tensors = [tagger.preprocess(decode.decode(f)) for f in files]
-        r["a2"] = C.in_thread(forward_only, tagger, tensors, bs)
+        r["c_exact"] = C.in_thread(end_to_end, loaded, files, bs, workers, False)
+        r["c_fast"] = C.in_thread(end_to_end, loaded, files, bs, workers, True)
+        r["b"] = C.in_thread(naive, encoder, files)
+        tensors = [encoder.pre.tensor(decode.decode(f)) for f in files]
+        r["a2"] = C.in_thread(forward_only, encoder, tensors, bs)
         del tensors
         r["a"] = {k: (r["a1"][k] + r["a2"][k]) / 2 for k in r["a1"]}
         r["rss_mb"] = C.rss_mb()[0]

@@ -1,4 +1,5 @@
-"""`localtag tag` end to end on real photos with the trained fixture model."""
+"""`localtag tag` end to end on real photos with the trained fixture model (in-process, see cli_run.py;
+one test runs the real entry point as a process)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 from conftest import CIFAR_CLASSES, COCO_DIR
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real entry point, as a separate process."""
     return subprocess.run([sys.executable, "-m", "localtag", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -46,7 +49,7 @@ def test_tag_coco_json_all_128(fixture_model, cache_dir):
 def test_cifar_top1_through_localtag_tag(fixture_model, cifar_test, cache_dir):
     """Real semantic signal: top-1 on 200 CIFAR-10 test images (20 per class) through the CLI."""
     root = next(iter(cifar_test.values()))[0].parent.parent
-    r = run("tag", str(root), "--jsonl", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
+    r = run_cli("tag", str(root), "--jsonl", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
             "--max-concepts", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -67,7 +70,7 @@ def test_bad_inputs_fail_alone_and_exit_nonzero(fixture_model, coco_images, tmp_
     data = coco_images[1].read_bytes()
     (d / "c_truncated.jpg").write_bytes(data[: len(data) // 3])
     shutil.copy(coco_images[2], d / "d_good.jpg")
-    r = run("tag", str(d), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir))
+    r = run_cli("tag", str(d), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir))
     assert r.returncode == 1
     doc = json.loads(r.stdout)
     assert doc["status"]["code"] == 10010
@@ -77,7 +80,7 @@ def test_bad_inputs_fail_alone_and_exit_nonzero(fixture_model, coco_images, tmp_
     assert "b_text.jpg" in r.stderr and "2 of 4 inputs failed" in r.stderr
 
     # readable table by default; progress bar only when asked
-    r = run("tag", str(d / "a_good.jpg"), str(d / "b_text.jpg"), "--model", str(fixture_model),
+    r = run_cli("tag", str(d / "a_good.jpg"), str(d / "b_text.jpg"), "--model", str(fixture_model),
             "--cache-dir", str(cache_dir), "--max-concepts", "3", "--progress")
     lines = r.stdout.splitlines()
     assert lines[0].startswith(str(d / "a_good.jpg") + "\t") and len(lines[0].split(", ")) == 3
@@ -87,33 +90,49 @@ def test_bad_inputs_fail_alone_and_exit_nonzero(fixture_model, coco_images, tmp_
 
 def test_min_value_and_select(fixture_model, cifar_test, cache_dir):
     cat = cifar_test["cat"][0]
-    r = run("tag", str(cat), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
+    r = run_cli("tag", str(cat), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
             "--select", "cat", "dog")
     concepts = json.loads(r.stdout)["outputs"][0]["data"]["concepts"]
     assert {c["name"] for c in concepts} == {"cat", "dog"}
-    r = run("tag", str(cat), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
+    r = run_cli("tag", str(cat), "--json", "--model", str(fixture_model), "--cache-dir", str(cache_dir),
             "--min-value", "1.01")
     assert json.loads(r.stdout)["outputs"][0]["data"]["concepts"] == []
-    r = run("tag", str(cat), "--model", str(fixture_model), "--select", "unicorn")
+    r = run_cli("tag", str(cat), "--model", str(fixture_model), "--select", "unicorn")
     assert r.returncode == 2 and "select_concepts" in r.stderr
 
 
 def test_env_config_and_flag_precedence(fixture_model, cifar_test, cache_dir):
     cat = str(cifar_test["cat"][0])
     env = {"LOCALTAG_MODEL": str(fixture_model), "LOCALTAG_MAX_CONCEPTS": "2", "LOCALTAG_CACHE_DIR": str(cache_dir)}
-    r = run("tag", cat, "--json", env=env)
+    r = run_cli("tag", cat, "--json", env=env)
     assert len(json.loads(r.stdout)["outputs"][0]["data"]["concepts"]) == 2
-    r = run("tag", cat, "--json", "--max-concepts", "4", env=env)
+    r = run_cli("tag", cat, "--json", "--max-concepts", "4", env=env)
     assert len(json.loads(r.stdout)["outputs"][0]["data"]["concepts"]) == 4
-    r = run("tag", cat, "--model", "no-such-model", env=env)
+    r = run_cli("tag", cat, "--model", "no-such-model", env=env)
     assert r.returncode == 2 and "not found" in r.stderr and "models pull" in r.stderr
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
-def test_device_selection(fixture_model, cifar_test, cache_dir, device):
-    r = run("tag", str(cifar_test["dog"][0]), "--json", "--model", str(fixture_model), "--device", device,
-            "--cache-dir", str(cache_dir))
-    assert r.returncode == 0
+def test_device_selection(fixture_model, cifar_test, tmp_path, device, monkeypatch):
+    """The device asked for is the one the image tower runs on, and the answer does not depend on it."""
+    import torch
+
+    from localtag.encoder import ImageEncoder
+
+    seen = []
+    real = ImageEncoder.forward
+    monkeypatch.setattr(ImageEncoder, "forward", lambda self, x: seen.append((self.device, x.device)) or real(self, x))
+    r = run_cli("tag", str(cifar_test["dog"][0]), "--json", "--model", str(fixture_model), "--device", device,
+                "--no-cache", "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    want = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
+    assert seen and all(d.type == want.type and x.type == want.type for d, x in seen)
+    concepts = json.loads(r.stdout)["outputs"][0]["data"]["concepts"]
+    ref = run_cli("tag", str(cifar_test["dog"][0]), "--json", "--model", str(fixture_model), "--device", "cpu",
+                  "--no-cache", "--cache-dir", str(tmp_path))
+    expected = json.loads(ref.stdout)["outputs"][0]["data"]["concepts"]
+    assert [c["name"] for c in concepts[:3]] == [c["name"] for c in expected[:3]]
+    assert [c["value"] for c in concepts] == pytest.approx([c["value"] for c in expected], abs=2e-2)
 
 
 def test_cuda_requested_without_cuda_is_clear(fixture_model, cifar_test):
@@ -121,5 +140,5 @@ def test_cuda_requested_without_cuda_is_clear(fixture_model, cifar_test):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = run("tag", str(cifar_test["dog"][0]), "--model", str(fixture_model), "--device", "cuda")
+    r = run_cli("tag", str(cifar_test["dog"][0]), "--model", str(fixture_model), "--device", "cuda")
     assert r.returncode == 2 and "CUDA is not available" in r.stderr

@@ -14,10 +14,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import COCO_DIR
 from PIL import Image
 
 from localtag.directus_client import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
@@ -25,7 +25,7 @@ from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus
 
-COCO = Path("/work/shared/data/coco128/images")
+COCO = COCO_DIR  # ../shared/data beside the project root, as conftest finds it
 MARKER = f"localtag-test-{uuid.uuid4().hex[:8]}"  # title of this module's files
 OURS = {"title": {"_eq": MARKER}}
 

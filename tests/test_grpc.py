@@ -47,13 +47,13 @@ def image_input(data: bytes | None = None, url: str | None = None, id: str = "")
 
 
 def test_predict_bytes_and_url(setup, jpegs):
-    stub, tagger, web, _ = setup
+    stub, loaded, web, _ = setup
     req = service_pb2.PostModelOutputsRequest(
         user_app_id=resources_pb2.UserAppIDSet(user_id="clarifai", app_id="main"), model_id=MODEL,
         inputs=[image_input(jpegs[0], id="first"), image_input(url=f"{web.base}/img/a.jpg")])
     r = stub.PostModelOutputs(req, metadata=MD)
     assert r.status.code == sc.SUCCESS and len(r.outputs) == 2
-    expected = tagger.tag([decode.decode(jpegs[0])])[0]
+    expected = tag_images(loaded, [decode.decode(jpegs[0])])[0]
     for out in r.outputs:
         assert out.status.code == sc.SUCCESS
         assert [c.id for c in out.data.concepts] == [t.id for t in expected]

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CFG, make_random_checkpoint
+from cli_run import run_cli
+from conftest import COCO_DIR, TINY_CFG, make_random_checkpoint
 
 from localtag.models import ModelError, ModelStore, build
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A real process: the hub libraries read HF_ENDPOINT / HF_HOME when they are imported."""
     return subprocess.run([sys.executable, "-m", "localtag", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
@@ -120,17 +122,17 @@ def test_missing_and_corrupt_models_are_clear_errors(store, tmp_path):
     info.weights_path.write_bytes(bytes(data[:100]))
     with pytest.raises(ModelError, match="truncated"):
         store.verify(info)
-    r = _cli("models", "verify", "--models-dir", str(store.root))
+    r = run_cli("models", "verify", "--models-dir", str(store.root))
     assert r.returncode == 1 and "FAILED  c" in r.stdout
     info.weights_path.unlink()
-    r = _cli("tag", str(tmp_path), "--models-dir", str(store.root), "--model", "c")
+    r = run_cli("tag", str(tmp_path), "--models-dir", str(store.root), "--model", "c")
     assert r.returncode == 2 and "weights file" in r.stderr and "missing" in r.stderr
 
 
 def test_verify_cli_ok(random_store):
-    r = _cli("models", "verify", "--models-dir", str(random_store))
+    r = run_cli("models", "verify", "--models-dir", str(random_store))
     assert r.returncode == 0 and r.stdout.startswith("ok      tiny-random")
-    r = _cli("models", "list", "--json", "--models-dir", str(random_store))
+    r = run_cli("models", "list", "--json", "--models-dir", str(random_store))
     assert json.loads(r.stdout)[0]["name"] == "tiny-random"
 
 
@@ -216,7 +218,7 @@ def test_pull_hf_hub_repo_through_local_hub(fake_hub, tmp_path):
     assert any("open_clip_model.safetensors" in q for q in hub.requests)
     # the pulled folder is self-contained: it tags with the hub gone and the network off
     hub.shutdown()
-    img = Path(__file__).resolve().parent.parent.parent / "shared/data/coco128/images/000000000009.jpg"
+    img = COCO_DIR / "000000000009.jpg"
     voc = tmp_path / "v.txt"
     voc.write_text("cat\ndog\n")
     r = _cli("tag", str(img), "--models-dir", str(tmp_path / "store"), "--model", "acme--tiny-clip",

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from PIL import Image
 
 from localtag.config import Settings
@@ -57,12 +55,8 @@ def test_image_and_text_embeddings_match_open_clip(arch_weights, coco_images, tm
 
     # the CLI's `embed` writes the same embeddings, float32, [N, D], in input order
     out = tmp_path / "emb.npy"
-    r = subprocess.run(
-        [sys.executable, "-m", "localtag", "embed", *map(str, files), "--output", str(out),
-         "--models-dir", str(root), "--model", arch.lower(), "--device", "cpu", "--cache-dir", str(tmp_path),
-         "--vocab", str(vocab)],
-        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
-    )
+    r = run_cli("embed", *map(str, files), "--output", str(out), "--models-dir", str(root), "--model", arch.lower(),
+                "--device", "cpu", "--cache-dir", str(tmp_path), "--vocab", str(vocab))
     assert r.returncode == 0, r.stderr
     arr = np.load(out)
     assert arr.dtype == np.float32 and arr.shape == ref_img.shape
