@@ -7,6 +7,7 @@ import pytest
 from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
+from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
