@@ -95,9 +95,12 @@ class ImageEncoder:
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised [N, 3, S, S] tensors (any device) → L2-normalised float32 embeddings on the CPU."""
         x = batch.to(self.device, non_blocking=True)
+        n = x.shape[0]
+        if self.compiled and n < self.batch_size:  # one static shape: pad instead of recompiling
+            x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return torch.nn.functional.normalize(self.forward(x).float(), dim=-1).cpu()
+        return torch.nn.functional.normalize(self.forward(x)[:n].float(), dim=-1).cpu()
 
     def embed(self, images: Sequence) -> np.ndarray:
         """Decoded PIL images → [N, dim] float32 L2-normalised embeddings (the whole transform each)."""
