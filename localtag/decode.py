@@ -113,6 +113,27 @@ def decode(
         raise ImageError(CORRUPT, f"cannot decode image: {e}") from None
 
 
+class _Sized(Exception):
+    pass
+
+
+def peek_size(source: str | Path | bytes, *, max_pixels: int = 85_000_000, max_bytes: int = 20_000_000,
+              draft: int | None = None) -> tuple[int, int]:
+    """The size :func:`decode` would decode (after any draft reduction), from the header alone;
+    raises :class:`ImageError` as :func:`decode` would for the header."""
+    size: list[tuple[int, int]] = []
+
+    def stop(w: int, h: int) -> None:
+        size.append((w, h))
+        raise _Sized
+
+    try:
+        decode(source, max_pixels=max_pixels, max_bytes=max_bytes, draft=draft, on_size=stop)
+    except _Sized:
+        return size[0]
+    raise ImageError(CORRUPT, "no image size")  # not reached: decode calls on_size or raises
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB; transparency is composited on white."""
     mode = img.mode

@@ -2,8 +2,8 @@
 
 :class:`FairPool` runs blocking calls on a few threads like an executor, but keeps one queue per
 owner (a request) and serves the owners in turn, so one request with many heavy images never stalls
-the others behind it. :class:`PixelBudget` bounds the pixels being decoded at once across all
-requests; :class:`RequestPixels` bounds the pixels one request may decode in all.
+the others behind it; it also bounds the pixels being decoded at once across all requests.
+:class:`RequestPixels` bounds the pixels one request may decode in all.
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from typing import Any
 
 
 class FairPool:
-    def __init__(self, workers: int, name: str = "localtag-decode"):
+    """Threads for blocking calls, served to owners in turn, within a budget of ``cost`` (pixels).
+
+    A call waits in its owner's queue (never on a thread) until a thread is free and its cost fits
+    beside the calls running; a call costing more than the whole budget runs alone."""
+
+    def __init__(self, workers: int, budget: int | None = None, name: str = "localtag-decode"):
         self.workers = max(1, workers)
+        self.budget = budget if budget and budget > 0 else None
+        self.used = 0  # cost of the calls running
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=name)
         self._free = self.workers
         self._queues: OrderedDict[object, deque] = OrderedDict()
@@ -27,18 +34,25 @@ class FairPool:
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    async def run(self, owner: object, fn: Callable, *args: Any) -> Any:
-        """``fn(*args)`` on a worker thread, in ``owner``'s turn."""
+    async def run(self, owner: object, fn: Callable, *args: Any, cost: int = 0) -> Any:
+        """``fn(*args)`` on a worker thread, in ``owner``'s turn, once ``cost`` fits the budget."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queues.setdefault(owner, deque()).append((fn, args, fut))
+        cost = min(max(0, cost), self.budget) if self.budget else 0
+        self._queues.setdefault(owner, deque()).append((fn, args, fut, cost))
         self._dispatch(loop)
         return await fut
 
+    def _fits(self, cost: int) -> bool:
+        return self.budget is None or self.used == 0 or self.used + cost <= self.budget
+
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._free and self._queues:
-            owner, q = next(iter(self._queues.items()))
-            fn, args, fut = q.popleft()
+            owner = next((o for o, q in self._queues.items() if self._fits(q[0][3])), None)
+            if owner is None:  # nothing fits beside what runs: wait for it to finish
+                return
+            q = self._queues[owner]
+            fn, args, fut, cost = q.popleft()
             if q:
                 self._queues.move_to_end(owner)  # round robin: this owner waits for the others' turns
             else:
@@ -46,11 +60,14 @@ class FairPool:
             if fut.done():  # the caller went away
                 continue
             self._free -= 1
+            self.used += cost
             done = self._pool.submit(fn, *args)
-            done.add_done_callback(lambda d, fut=fut: loop.call_soon_threadsafe(self._finished, loop, d, fut))
+            done.add_done_callback(
+                lambda d, fut=fut, cost=cost: loop.call_soon_threadsafe(self._finished, loop, d, fut, cost))
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, done, fut: asyncio.Future) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, done, fut: asyncio.Future, cost: int) -> None:
         self._free += 1
+        self.used -= cost
         if not fut.done():
             if done.exception() is not None:
                 fut.set_exception(done.exception())
@@ -60,29 +77,6 @@ class FairPool:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class PixelBudget:
-    """Pixels being decoded at once (thread-safe, blocking): a decode waits until its pixels fit.
-
-    A single image larger than the whole budget counts as the whole budget, so it runs alone."""
-
-    def __init__(self, total: int):
-        self.total = max(1, total)
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def reserve(self, pixels: int) -> int:
-        pixels = min(max(0, pixels), self.total)
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + pixels <= self.total)
-            self.used += pixels
-        return pixels
-
-    def release(self, pixels: int) -> None:
-        with self._cond:
-            self.used -= pixels
-            self._cond.notify_all()
 
 
 class RequestPixels:

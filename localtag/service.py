@@ -23,12 +23,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import clarifai, errors, memory
+from . import clarifai, decode, errors, memory
 from .batcher import Batcher
 from .config import Settings
 from .encoder import ImageEncoder
 from .errors import ImageError
-from .fairpool import FairPool, PixelBudget, RequestPixels
+from .fairpool import FairPool, RequestPixels
 from .fetch import FetchPolicy, fetch
 from .loader import Loaded, load
 from .pipeline import Pipeline
@@ -213,8 +213,8 @@ class Service:
         self.keys = keys
         self.metrics = metrics
         self.policy = FetchPolicy.from_settings(settings)
-        self.decoder = FairPool(settings.workers)  # requests take turns at the decode threads
-        self.pixels = PixelBudget(settings.max_decode_pixels)  # pixels being decoded at once
+        # requests take turns at the decode threads, within max_decode_pixels being decoded at once
+        self.decoder = FairPool(settings.workers, settings.max_decode_pixels)
         self.load = 0  # images admitted and not yet answered (the queue max_queue bounds)
         self.reading = 0  # request bodies being read: not queued work, bounded by max_body_readers
         self.ready = False
@@ -425,30 +425,29 @@ class Service:
             if not url:
                 raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
             data = await fetch(url, self.policy)
-        prepared = await self.decoder.run(budget, self._prepare, entry, data if data is not None else b64, budget)
+        data, (w, h) = await self.decoder.run(budget, self._peek, entry, data if data is not None else b64)
+        if not budget.take(w * h):
+            raise ImageError(errors.TOO_MANY_PIXELS,
+                             f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
+        prepared = await self.decoder.run(budget, self._prepare, entry, data, cost=w * h)
+        if w * h >= TRIM_PIXELS:
+            await self.decoder.run(budget, memory.trim)
         if prepared.error is not None:
             raise prepared.error
         return await entry.batcher.submit(prepared.tensor)
 
-    def _prepare(self, entry: ModelEntry, source: str | bytes, budget: RequestPixels):
-        """On a decode thread: base64 → bytes → pixels within the budgets → the model's tensor."""
+    def _draft(self, entry: ModelEntry) -> int:
+        return entry.pipeline.draft or DRAFT_SIDE
+
+    def _peek(self, entry: ModelEntry, source: str | bytes) -> tuple[bytes, tuple[int, int]]:
+        """On a decode thread: base64 → bytes, and the size they will decode to (the header alone)."""
         data = source if isinstance(source, bytes) else decode_base64(source, self.settings.max_bytes)
-        held = 0
+        return data, decode.peek_size(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes,
+                                      draft=self._draft(entry))
 
-        def on_size(w: int, h: int) -> None:
-            nonlocal held
-            if not budget.take(w * h):
-                raise ImageError(errors.TOO_MANY_PIXELS,
-                                 f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
-            held = self.pixels.reserve(w * h)
-
-        try:
-            return entry.pipeline.prepare_tensor(data, draft=entry.pipeline.draft or DRAFT_SIDE, on_size=on_size)
-        finally:
-            if held:
-                self.pixels.release(held)
-                if held >= TRIM_PIXELS:
-                    memory.trim()
+    def _prepare(self, entry: ModelEntry, data: bytes):
+        """On a decode thread: bytes → the model's tensor (or the error in ``Prepared``)."""
+        return entry.pipeline.prepare_tensor(data, draft=self._draft(entry))
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
