@@ -56,7 +56,13 @@ def settings_from(args: argparse.Namespace, **extra: Any):
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     given.update({k: v for k, v in extra.items() if v is not None})
-    return Settings(**given)
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**given)
+    except ValidationError as e:  # one line per setting, never the value (it may be a key)
+        raise ValueError("; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                                   for err in e.errors())) from None
 
 
 def progress(iterable: Iterable | None, total: int | None, enabled: bool | None, desc: str, unit: str = "img"):

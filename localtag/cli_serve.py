@@ -18,17 +18,31 @@ def check_bind(settings) -> None:
                          "--api-keys-file, or pass --allow-public-bind")
 
 
+def check_models(settings) -> None:
+    """Every extra model id's model is in the store (the default one is loaded before serving)."""
+    from .models import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    for model, _vocab in settings.model_ids.values():
+        store.resolve(model)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .http_config import uvicorn_config
+    from .loader import load
     from .server import create_app
 
     settings = settings_from(args)
     check_bind(settings)
-    app = create_app(settings)
-    # the asyncio loop: the gRPC server shares it, and grpc.aio does not support uvloop
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="asyncio", log_level=args.log_level.lower(),
-                server_header=False)
+    check_models(settings)
+    # the model is loaded here, not in the app's startup: a missing or corrupt model is one line, exit 2
+    app = create_app(settings, load(settings))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level))
+    server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -70,8 +71,12 @@ def decode(
     max_pixels: int = 85_000_000,
     max_bytes: int = 20_000_000,
     draft: int | None = None,
+    on_size: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
-    """Decode to an upright RGB image. ``draft``: the shortest side the caller needs (JPEG only)."""
+    """Decode to an upright RGB image. ``draft``: the shortest side the caller needs (JPEG only).
+
+    ``on_size(width, height)`` is called with the size about to be decoded (after any draft
+    reduction), before any pixel is; it may raise :class:`ImageError` to refuse the image."""
     data = read_source(source, max_bytes)
     if not data:
         raise ImageError(NOT_IMAGE, "empty input")
@@ -94,6 +99,11 @@ def decode(
         if draft and img.format == "JPEG" and min(w, h) >= 2 * draft:
             scale = min(w, h) / draft
             img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(CORRUPT, f"cannot decode image: {e}") from None
+    if on_size is not None:
+        on_size(*img.size)
+    try:
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
@@ -101,6 +111,27 @@ def decode(
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageError(CORRUPT, f"cannot decode image: {e}") from None
+
+
+class _Sized(Exception):
+    pass
+
+
+def peek_size(source: str | Path | bytes, *, max_pixels: int = 85_000_000, max_bytes: int = 20_000_000,
+              draft: int | None = None) -> tuple[int, int]:
+    """The size :func:`decode` would decode (after any draft reduction), from the header alone;
+    raises :class:`ImageError` as :func:`decode` would for the header."""
+    size: list[tuple[int, int]] = []
+
+    def stop(w: int, h: int) -> None:
+        size.append((w, h))
+        raise _Sized
+
+    try:
+        decode(source, max_pixels=max_pixels, max_bytes=max_bytes, draft=draft, on_size=stop)
+    except _Sized:
+        return size[0]
+    raise ImageError(CORRUPT, "no image size")  # not reached: decode calls on_size or raises
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

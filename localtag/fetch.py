@@ -26,6 +26,7 @@ import httpx
 from .addresses import IPAddress, is_public, parse_ip
 from .errors import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, URL_REFUSED, ImageError
 from .limits import TooLarge, read_capped_async
+from .redact import redact_url
 
 REDIRECTS = {301, 302, 303, 307, 308}
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -46,13 +47,7 @@ class FetchPolicy:
 
 def redact(url: httpx.URL | str) -> str:
     """A URL fit for messages: scheme, host, port and path; no credentials, query or fragment."""
-    try:
-        u = httpx.URL(str(url))
-    except Exception:  # noqa: BLE001
-        return "<invalid URL>"
-    port = f":{u.port}" if u.port else ""
-    host = f"[{u.host}]" if ":" in u.host else u.host
-    return f"{u.scheme}://{host}{port}{u.path}"
+    return redact_url(url)
 
 
 def host_allowed(host: str, port: int, allow_hosts: Iterable[str]) -> bool:

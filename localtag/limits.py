@@ -6,7 +6,7 @@ read chunk by chunk and refused as soon as it passes the cap, so nothing larger 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 
 class TooLarge(Exception):
@@ -36,12 +36,16 @@ def read_capped(chunks: Iterable[bytes], cap: int, length: str | None = None) ->
     return b"".join(out)
 
 
-async def read_capped_async(chunks: AsyncIterable[bytes], cap: int, length: str | None = None) -> bytes:
+async def cap_stream(chunks: AsyncIterable[bytes], cap: int, length: str | None = None) -> AsyncIterator[bytes]:
+    """The chunks as they come, raising :class:`TooLarge` as soon as they pass ``cap`` (for streaming parsers)."""
     check_declared(length, cap)
-    out, size = [], 0
+    size = 0
     async for chunk in chunks:
         size += len(chunk)
         if size > cap:
             raise TooLarge(cap)
-        out.append(chunk)
-    return b"".join(out)
+        yield chunk
+
+
+async def read_capped_async(chunks: AsyncIterable[bytes], cap: int, length: str | None = None) -> bytes:
+    return b"".join([chunk async for chunk in cap_stream(chunks, cap, length)])

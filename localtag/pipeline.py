@@ -134,10 +134,12 @@ class Pipeline:
         return self._batch_size if self._batch_size and self._batch_size > 0 else self.encoder.batch_size
 
     # -- one image (the server) --------------------------------------------------------------------
-    def prepare_tensor(self, data: bytes) -> Prepared:
+    def prepare_tensor(self, data: bytes, *, draft: int | None = None,
+                       on_size: Callable[[int, int], None] | None = None) -> Prepared:
         """Bytes → a normalised float tensor (``Prepared.tensor``) or an error: one image, for callers
-        that batch themselves. :meth:`run` uses a cheaper uint8 form."""
-        return self._prepare_data(data, "tensor")
+        that batch themselves. :meth:`run` uses a cheaper uint8 form. ``draft`` (default: the
+        pipeline's) and ``on_size`` go to :func:`localtag.decode.decode`."""
+        return self._prepare_data(data, "tensor", draft=draft or self.draft, on_size=on_size)
 
     # -- one job -----------------------------------------------------------------------------------
     def _prepare_source(self, job: Job, mode: str) -> Prepared:
@@ -166,7 +168,8 @@ class Pipeline:
             prepared.seen = (*stat, prepared.digest)
         return prepared
 
-    def _prepare_data(self, data: bytes, mode: str) -> Prepared:
+    def _prepare_data(self, data: bytes, mode: str, *, draft: int | None = None,
+                      on_size: Callable[[int, int], None] | None = None) -> Prepared:
         """Bytes → cache hit, or decoded pixels (``mode`` "pixels"), or a float tensor ("tensor")."""
         digest = None
         try:
@@ -182,7 +185,8 @@ class Pipeline:
                 header = jpeg_header(data, self.max_pixels)
                 if header is not None:
                     return Prepared(digest=digest, jpeg=data, orientation=header[0], megapixels=header[1])
-            img = decode.decode(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes, draft=self.draft)
+            img = decode.decode(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                draft=draft or self.draft, on_size=on_size)
             if mode == "pixels" and self.pre.split:
                 return Prepared(digest=digest, pixels=self.pre.pixels(img))
             return Prepared(digest=digest, tensor=self.pre.tensor(img))

@@ -27,11 +27,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from . import clarifai, directus_flow
 from .config import Settings
 from .errors import ImageError
-from .limits import TooLarge, read_capped_async
+from .limits import TooLarge, cap_stream, read_capped_async
 from .loader import Loaded
 from .service import (
     Metrics,
@@ -42,6 +44,7 @@ from .service import (
     build_entries,
     describe_errors,
     load_keys,
+    parse_json,
     parse_predict,
 )
 
@@ -63,9 +66,26 @@ OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
 CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
 
 
+#: a Filestack body holds one image: its byte cap plus room for the multipart envelope
+FORM_OVERHEAD = 1_000_000
+#: status recorded for a client that went away mid-request (nginx's convention); nothing is sent
+CLIENT_CLOSED = 499
+
+
 # -- responses ---------------------------------------------------------------------------------------
+class SafeJSON(JSONResponse):
+    """JSON as UTF-8; text that cannot be UTF-8 (a lone surrogate a client sent, e.g. ``"\\ud800"``)
+    is written as ``\\u`` escapes instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
+    return SafeJSON(body, status_code=status, headers=headers)
 
 
 def _answer(result: tuple[int, dict]) -> JSONResponse:
@@ -114,25 +134,71 @@ def _authorized(request: Request) -> JSONResponse | None:
     return _answer(err) if err else None
 
 
-async def read_body(request: Request, svc: Service) -> bytes:
-    """The body; raises :class:`TooLarge` past ``max_request_bytes`` without reading the rest."""
-    svc.reading += 1
-    try:
-        return await read_capped_async(request.stream(), svc.settings.max_request_bytes,
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``body_timeout``."""
+
+
+class Disconnected(Exception):
+    """The client went away before its body was read."""
+
+
+async def body_chunks(request: Request, svc: Service):
+    """The body's chunks, within ``body_timeout`` in all; raises :class:`BodyTimeout`, :class:`Disconnected`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + svc.settings.body_timeout
+    chunks = request.stream().__aiter__()
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise BodyTimeout
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), left)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyTimeout from None
+        except ClientDisconnect:
+            raise Disconnected from None
+        yield chunk
+
+
+async def read_body(request: Request, svc: Service, cap: int | None = None) -> bytes:
+    """The body; raises :class:`TooLarge` past ``cap`` (default ``max_request_bytes``) without reading
+    the rest, :class:`BodyTimeout`, :class:`Disconnected`, or :class:`Overloaded` past ``max_body_readers``."""
+    with svc.body_slot():
+        return await read_capped_async(body_chunks(request, svc), cap or svc.settings.max_request_bytes,
                                        request.headers.get("content-length"))
-    finally:
-        svc.reading -= 1
 
 
 def _too_large(cap: int) -> JSONResponse:
-    return _json(413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, f"the request body is over {cap} bytes"))
+    return _json(413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, f"the request body is over {cap} bytes"),
+                 {"Connection": "close"})
 
 
-async def _read_predict(request: Request, svc: Service) -> PredictRequest | JSONResponse:
+def _body_failed(e: Exception, svc: Service, filestack: bool = False) -> Response:
+    """The answer when a body could not be read: too large, too slow, the client gone, too many readers."""
+    if isinstance(e, Disconnected):
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(e, Overloaded):
+        status, body = svc.overloaded_response()
+        body = {"error": body["status"]["details"]} if filestack else body
+        return _json(503, body, {"Retry-After": "1"})
+    if isinstance(e, BodyTimeout):
+        svc.metrics.timeouts.inc()
+        msg = f"the request body did not arrive within {svc.settings.body_timeout:g} s"
+        body = {"error": msg} if filestack else clarifai.error_response(clarifai.CONN_INVALID_REQUEST, msg)
+        return _json(408, body, {"Connection": "close"})
+    assert isinstance(e, TooLarge)
+    if filestack:
+        return _json(413, {"error": f"the request body is over {e.cap} bytes"}, {"Connection": "close"})
+    return _too_large(e.cap)
+
+
+async def _read_predict(request: Request, svc: Service) -> PredictRequest | Response:
     try:
         raw = await read_body(request, svc)
-    except TooLarge:
-        return _too_large(svc.settings.max_request_bytes)
+    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+        return _body_failed(e, svc)
     try:  # a large body is parsed off the event loop
         return await asyncio.to_thread(parse_predict, raw) if len(raw) > 256_000 else parse_predict(raw)
     except StatusError as e:
@@ -157,7 +223,7 @@ async def predict(request: Request):
     if svc.busy(1):
         return _answer(svc.overloaded_response())
     req = await _read_predict(request, svc)
-    if isinstance(req, JSONResponse):
+    if isinstance(req, Response):
         return req
     p = request.path_params  # the deployment form names its model in the body, else by the deployment id
     model_id = p.get("model_id") or req.model_id or (req.model.id if req.model else None) or p.get("deployment_id")
@@ -190,34 +256,45 @@ async def list_model_types(request: Request):
 
 
 # -- Filestack ---------------------------------------------------------------------------------------
-async def _filestack_input(request: Request, svc: Service) -> tuple[str | None, bytes | None] | JSONResponse:
-    """The image of a Filestack request: ``(url, None)`` or ``(None, bytes)``, or the error answer."""
+async def _filestack_input(request: Request, svc: Service) -> tuple[str | None, bytes | None] | Response:
+    """The image of a Filestack request: ``(url, None)`` or ``(None, bytes)``, or the error answer.
+
+    The body is streamed under a cap of ``max_bytes`` plus the form's envelope: a chunked upload is
+    stopped at the cap, never spooled in full."""
     settings = svc.settings
     url, data = request.query_params.get("url"), None
     if request.method != "POST" or url is not None:
         return url, None
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    too_large = _json(413, {"error": f"the request body is over {settings.max_request_bytes} bytes"})
+    cap = min(settings.max_request_bytes, settings.max_bytes + FORM_OVERHEAD)
     try:
-        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > settings.max_request_bytes:
-                return too_large
-            async with request.form(max_files=1, max_fields=20) as form:
-                for value in form.values():
-                    if not isinstance(value, str):  # an UploadFile
-                        data = await value.read(settings.max_bytes + 1)
-                url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
-        else:
-            body = await read_body(request, svc)
-            if ctype == "application/json":
-                raw = json.loads(body)
-                url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
+        with svc.body_slot():
+            if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                stream = cap_stream(body_chunks(request, svc), cap, request.headers.get("content-length"))
+                if ctype == "multipart/form-data":
+                    parser: Any = MultiPartParser(request.headers, stream, max_files=1, max_fields=20)
+                else:
+                    parser = FormParser(request.headers, stream)
+                form = await parser.parse()
+                try:
+                    for value in form.values():
+                        if not isinstance(value, str):  # an UploadFile
+                            data = await value.read(settings.max_bytes + 1)
+                    url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
+                finally:
+                    await form.close()
             else:
-                data = body
-    except TooLarge:
-        return too_large
-    except (ValueError, UnicodeDecodeError) as e:
+                body = await read_capped_async(body_chunks(request, svc), cap, request.headers.get("content-length"))
+                if ctype == "application/json":
+                    raw = parse_json(body)
+                    url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
+                else:
+                    data = body
+    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+        return _body_failed(e, svc, filestack=True)
+    except StatusError as e:
+        return _json(400, {"error": e.details, "code": e.code})
+    except (ValueError, UnicodeDecodeError, MultiPartException) as e:
         return _json(400, {"error": f"malformed request: {e}"})
     except StarletteHTTPException as e:
         return _json(400, {"error": str(e.detail)})
@@ -234,7 +311,7 @@ async def filestack_tags(request: Request):
         status, body = svc.overloaded_response()
         return _json(503, {"error": body["status"]["details"]}, {"Retry-After": "1"})
     got = await _filestack_input(request, svc)
-    if isinstance(got, JSONResponse):
+    if isinstance(got, Response):
         return got
     url, data = got
     if not url and not data:
@@ -265,7 +342,10 @@ async def readyz(request: Request):
     svc = request.app.state.service
     if svc is None or not svc.ready:
         return _json(503, {"status": "starting"})
-    return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load}
+    # queue: images admitted (bounded by max_queue); waiting: decoded, waiting for the model;
+    # reading: request bodies still arriving (not work yet)
+    return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load, "waiting": svc.waiting,
+            "reading": svc.reading}
 
 
 async def metrics_route(request: Request):
@@ -372,7 +452,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
                 await grpc_server.stop(grace=1.0)
             for e in unique:
                 await e.batcher.stop()
-            service.decode_pool.shutdown(wait=False, cancel_futures=True)
+            service.decoder.shutdown()
 
     return lifespan
 
@@ -385,6 +465,7 @@ def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
     metrics = Metrics()
     keys = load_keys(settings)
     app = FastAPI(title="localtag", version="0.1.0", lifespan=_lifespan(settings, loaded, keys, metrics),
+                  default_response_class=SafeJSON,
                   description="Offline image tagging with a Clarifai-compatible API.")
     app.state.settings = settings
     app.state.metrics = metrics

@@ -17,18 +17,18 @@ import hmac
 import json
 import logging
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import clarifai, errors
+from . import clarifai, decode, errors, memory
 from .batcher import Batcher
 from .config import Settings
 from .encoder import ImageEncoder
 from .errors import ImageError
+from .fairpool import FairPool, RequestPixels
 from .fetch import FetchPolicy, fetch
 from .loader import Loaded, load
 from .pipeline import Pipeline
@@ -37,6 +37,10 @@ from .tagger import SelectError, Tagger
 log = logging.getLogger(__name__)
 
 MAX_INPUTS = 128
+#: the server decodes JPEGs whose short side is at least twice this at a reduced scale (draft mode)
+DRAFT_SIDE = 512
+#: after decoding an image this large, freed heap is given back to the system
+TRIM_PIXELS = 16_000_000
 GENERAL_IDS = (clarifai.GENERAL_MODEL_ID, clarifai.LEGACY_GENERAL_MODEL_ID)
 MODEL_TYPE = {
     "id": "visual-classifier",
@@ -172,6 +176,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue_depth = Gauge("localtag_queue_depth", "Images admitted and not yet answered", registry=r)
         self.rejected = Counter("localtag_rejected", "Requests refused because the queue was full", registry=r)
+        self.body_readers = Gauge("localtag_body_readers", "Request bodies being read", registry=r)
+        self.timeouts = Counter("localtag_body_timeouts", "Request bodies that did not arrive in time", registry=r)
 
 
 # -- auth --------------------------------------------------------------------------------------------
@@ -207,10 +213,16 @@ class Service:
         self.keys = keys
         self.metrics = metrics
         self.policy = FetchPolicy.from_settings(settings)
-        self.decode_pool = ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="localtag-decode")
-        self.load = 0  # images admitted and not yet answered
-        self.reading = 0  # request bodies being read
+        # requests take turns at the decode threads, within max_decode_pixels being decoded at once
+        self.decoder = FairPool(settings.workers, settings.max_decode_pixels)
+        self.load = 0  # images admitted and not yet answered (the queue max_queue bounds)
+        self.reading = 0  # request bodies being read: not queued work, bounded by max_body_readers
         self.ready = False
+
+    @property
+    def waiting(self) -> int:
+        """Decoded images waiting for a model batch."""
+        return sum(e.batcher.depth for e in {id(e): e for e in self.entries.values()}.values())
 
     @property
     def default(self) -> ModelEntry:
@@ -235,9 +247,23 @@ class Service:
 
     # admission
     def busy(self, extra: int = 0) -> bool:
-        """Would ``extra`` more images overflow the queue? (An idle server takes any one request.)"""
-        pending = self.load + self.reading
-        return pending > 0 and pending + extra > self.settings.max_queue
+        """Would ``extra`` more images overflow the queue? (An idle server takes any one request.)
+
+        Only admitted images count: a body still on the wire is not work (:meth:`body_slot`)."""
+        return self.load > 0 and self.load + extra > self.settings.max_queue
+
+    @contextlib.contextmanager
+    def body_slot(self):
+        """One request body being read; raises :class:`Overloaded` past ``max_body_readers``."""
+        if self.reading >= self.settings.max_body_readers:
+            raise Overloaded
+        self.reading += 1
+        self.metrics.body_readers.set(self.reading)
+        try:
+            yield
+        finally:
+            self.reading -= 1
+            self.metrics.body_readers.set(self.reading)
 
     def overloaded_response(self) -> tuple[int, dict]:
         self.metrics.rejected.inc()
@@ -352,15 +378,18 @@ class Service:
             opts = self.options(entry, req)
         except SelectError as e:
             return 400, clarifai.error_response(clarifai.MODEL_INVALID_ARGUMENT, str(e), req_id=req_id)
+        budget = RequestPixels(self.settings.max_request_pixels)
         try:
             with self.admitted(n):
-                outputs = await asyncio.gather(*(self._one(entry, model_id, inp, opts) for inp in req.inputs))
+                outputs = await asyncio.gather(*(self._one(entry, model_id, inp, opts, budget)
+                                                 for inp in req.inputs))
         except Overloaded:
             return self.overloaded_response()
         body = clarifai.response(list(outputs), req_id)
         return (400 if body["status"]["code"] == clarifai.FAILURE else 200), body
 
-    async def _one(self, entry: ModelEntry, model_id: str, inp: InputIn, opts: PredictOptions) -> dict:
+    async def _one(self, entry: ModelEntry, model_id: str, inp: InputIn, opts: PredictOptions,
+                   budget: RequestPixels) -> dict:
         input_id = inp.id or clarifai.new_id()
         image = inp.data.image if inp.data else None
         url = image.url if image else None
@@ -368,7 +397,7 @@ class Service:
         echo = {"image": {"url": url}} if url and not b64 else {"image": {"base64": "dHJ1ZQ=="}}
         model = entry.model_json(model_id)
         try:
-            values = await self.image_values(entry, url=url, b64=b64)
+            values = await self.image_values(entry, url=url, b64=b64, budget=budget)
         except Exception as e:  # noqa: BLE001 - one input fails, never the whole request
             self.metrics.images.labels("error").inc()
             if isinstance(e, ImageError):
@@ -385,26 +414,40 @@ class Service:
         return clarifai.output_json(input_id, echo, model, tags)
 
     async def image_values(self, entry: ModelEntry, *, url: str | None = None, b64: str | bytes | None = None,
-                           data: bytes | None = None):
+                           data: bytes | None = None, budget: RequestPixels | None = None):
         """One image (a URL, base64 or bytes): fetched, decoded and embedded with the others of its batch →
-        its per-concept values; raises ImageError / StatusError."""
-        loop = asyncio.get_running_loop()
-        if data is None and b64:
-            prepared = await loop.run_in_executor(self.decode_pool, self._prepare_b64, entry, b64)
-        else:
-            if data is None:
-                if not url:
-                    raise StatusError(clarifai.INPUT_INVALID_ARGUMENT,
-                                      "the input needs data.image.url or data.image.base64")
-                data = await fetch(url, self.policy)
-            prepared = await loop.run_in_executor(self.decode_pool, entry.pipeline.prepare_tensor, data)
+        its per-concept values; raises ImageError / StatusError.
+
+        Decoding takes turns with other requests (``budget`` names the request and holds its pixel
+        allowance), within the server's pixel budget."""
+        budget = budget or RequestPixels(self.settings.max_request_pixels)
+        if data is None and not b64:
+            if not url:
+                raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
+            data = await fetch(url, self.policy)
+        data, (w, h) = await self.decoder.run(budget, self._peek, entry, data if data is not None else b64)
+        if not budget.take(w * h):
+            raise ImageError(errors.TOO_MANY_PIXELS,
+                             f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
+        prepared = await self.decoder.run(budget, self._prepare, entry, data, cost=w * h)
+        if w * h >= TRIM_PIXELS:
+            await self.decoder.run(budget, memory.trim)
         if prepared.error is not None:
             raise prepared.error
         return await entry.batcher.submit(prepared.tensor)
 
-    def _prepare_b64(self, entry: ModelEntry, b64: str | bytes):
-        data = b64 if isinstance(b64, bytes) else decode_base64(b64, self.settings.max_bytes)
-        return entry.pipeline.prepare_tensor(data)
+    def _draft(self, entry: ModelEntry) -> int:
+        return entry.pipeline.draft or DRAFT_SIDE
+
+    def _peek(self, entry: ModelEntry, source: str | bytes) -> tuple[bytes, tuple[int, int]]:
+        """On a decode thread: base64 → bytes, and the size they will decode to (the header alone)."""
+        data = source if isinstance(source, bytes) else decode_base64(source, self.settings.max_bytes)
+        return data, decode.peek_size(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes,
+                                      draft=self._draft(entry))
+
+    def _prepare(self, entry: ModelEntry, data: bytes):
+        """On a decode thread: bytes → the model's tensor (or the error in ``Prepared``)."""
+        return entry.pipeline.prepare_tensor(data, draft=self._draft(entry))
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
@@ -440,14 +483,23 @@ def build_entries(settings: Settings, loaded: Loaded | None, on_batch) -> dict[s
 
 
 def parse_predict(raw: bytes) -> PredictRequest:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StatusError(clarifai.CONN_BAD_REQUEST_FORMAT, f"malformed JSON: {e}") from None
+    doc = parse_json(raw)
     try:
         return PredictRequest.model_validate(doc)
+    except RecursionError:
+        raise StatusError(clarifai.CONN_BAD_REQUEST_FORMAT, "malformed JSON: nested too deeply") from None
     except ValidationError as e:
         raise StatusError(clarifai.CONN_INVALID_REQUEST, describe_errors(e.errors())) from None
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON; :class:`StatusError` (11100) for malformed or too deeply nested JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StatusError(clarifai.CONN_BAD_REQUEST_FORMAT, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise StatusError(clarifai.CONN_BAD_REQUEST_FORMAT, "malformed JSON: nested too deeply") from None
 
 
 def describe_errors(errors: Iterable[dict]) -> str:

@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import uvicorn
 
+from localtag.http_config import uvicorn_config
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,14 +27,18 @@ def free_port() -> int:
 
 
 class LiveServer:
+    """``serve``'s own uvicorn config (:func:`localtag.http_config.uvicorn_config`: limits, header timeout)
+    on ``settings.host`` (127.0.0.1 unless a test says ::1) and a free port; logging is left to pytest
+    (``log_config`` None) unless a test passes one."""
+
     def __init__(self, settings, loaded=None, log_config=None):
         from localtag.server import create_app
 
         self.app = create_app(settings, loaded)
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", log_level="info",
-                                log_config=log_config, lifespan="on")
+        host = settings.host
+        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        config = uvicorn_config(self.app, settings, host=host, port=self.port, logs=log_config)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
