@@ -16,7 +16,8 @@ PACKAGE = REPO / "localtag"
 ALLOWED = {
     "fastapi": {"server", "directus_flow", "service"},
     "starlette": {"server"},
-    "uvicorn": {"cli_serve"},
+    "uvicorn": {"cli_serve", "http_config"},
+    "h11": {"http_config"},
     "grpc": {"grpc_service"},
     "clarifai_grpc": {"grpc_service"},
     "prometheus_client": {"server", "service"},
