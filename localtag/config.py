@@ -7,7 +7,7 @@ Flags override by passing keyword arguments: ``Settings(**flags)`` wins over the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     vocab: Path | None = None  # None: the model's own vocab.txt, else ./vocab.txt
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # image tower: auto, fp32, bf16, fp16, int8 (see localtag.precision)
 
     # scoring
     scoring: str = "binary"
