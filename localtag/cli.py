@@ -19,6 +19,8 @@ _MODEL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "models_dir": ("--models-dir", {"type": Path, "help": "model store folder (env LOCALTAG_MODELS_DIR)"}),
     "vocab": ("--vocab", {"type": Path, "help": "vocabulary file (default: the model's own, else vocab.txt)"}),
     "device": ("--device", {"help": "auto, cpu, cuda, cuda:N (env LOCALTAG_DEVICE)"}),
+    "precision": ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16", "int8"],
+                                  "help": "image tower precision (env LOCALTAG_PRECISION; see README)"}),
     "cache_dir": ("--cache-dir", {"type": Path, "help": "cache folder (env LOCALTAG_CACHE_DIR)"}),
     "scoring": ("--scoring", {"choices": ["binary", "softmax", "sigmoid"], "help": "value mapping (see README)"}),
     "batch_size": ("--batch-size", {"type": int, "help": "images per model batch (env LOCALTAG_BATCH_SIZE)"}),
@@ -75,6 +77,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     tagger = _load_tagger(settings)
+    tagger.text_progress = args.progress
     total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat on huge folders
     results = Pipeline.from_settings(tagger, settings, cache=open_for(settings, tagger)).run(walk(args.paths))
     return write_tags(args, settings, tagger, results, total, chunk=max(1, settings.batch_size))
@@ -189,17 +192,33 @@ def cmd_models_import(args: argparse.Namespace) -> int:
         args.path, args.arch, args.name, pretrained=args.pretrained or "", source=args.source or "",
         license=args.license or "", config=args.config, quick_gelu=args.quick_gelu or None, overwrite=args.overwrite,
     )
-    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256}))
+    texts = _store_text_embeddings(args, info)
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "text_embeddings": texts}))
     return 0
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
     info = _store(args).pull(args.arch, args.pretrained, args.name, overwrite=args.overwrite)
-    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "source": info.source}))
+    texts = _store_text_embeddings(args, info)
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "source": info.source,
+                      "text_embeddings": texts}))
     return 0
 
 
+def _store_text_embeddings(args: argparse.Namespace, info) -> list[str]:
+    """Text embeddings of the shipped vocab.txt and the model's own, into the model folder."""
+    from . import text_store
+    from .config import REPO_ROOT
+
+    if not args.text:
+        return []
+    vocabs = [REPO_ROOT / "vocab.txt", *([info.vocab_path] if info.vocab_path else [])]
+    text_store.precompute(info, [v for v in vocabs if v.is_file()], progress=args.progress)
+    return [e["file"] for e in text_store.entries(info)]
+
+
 def cmd_models_verify(args: argparse.Namespace) -> int:
+    from . import text_store
     from .models import ModelError
 
     store = _store(args)
@@ -208,7 +227,10 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
     for m in models:
         try:
             store.verify(m)
-            print(f"ok      {m.name}  {m.sha256[:12]}")
+            problems = text_store.verify(m)
+            if problems:
+                raise ModelError(f"{m.name}: stored text embeddings: {'; '.join(problems)}")
+            print(f"ok      {m.name}  {m.sha256[:12]}  text embeddings: {len(text_store.entries(m))}")
         except ModelError as e:
             bad += 1
             print(f"FAILED  {m.name}: {e}")
@@ -331,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--overwrite", action="store_true")
     mv = m.add_parser("verify", help="check weights against their sha256")
     mv.add_argument("names", nargs="*")
+    for sp in (mi, mp):
+        sp.add_argument("--text", action=argparse.BooleanOptionalAction, default=True,
+                        help="store the text embeddings of the shipped and the model's vocabulary (default on)")
+        sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     for sp, fn in ((ml, cmd_models_list), (mi, cmd_models_import), (mp, cmd_models_pull), (mv, cmd_models_verify)):
         sp.add_argument("--models-dir", dest="models_dir", type=Path, default=None)
         sp.set_defaults(func=fn)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import models as model_store
+from . import text_store
 from . import vocab as vocab_mod
 from .vocab import Vocab
 
@@ -111,6 +112,7 @@ class Tagger:
             log.warning("a calibration does not apply to scoring 'softmax': not used")
             calibration = None
         self.calibration = calibration
+        self.text_progress: bool | None = None  # a bar while encoding prompts: None = on a TTY
         self._text: torch.Tensor | None = None
         self._neutral: torch.Tensor | None = None
         self._edges = _parent_edges(vocab)
@@ -157,9 +159,11 @@ class Tagger:
         return h.hexdigest()
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
+                     progress: bool | None = False) -> torch.Tensor:
+        """L2-normalised text embeddings; ``progress``: a tqdm bar on stderr (None: on a TTY)."""
         out = []
-        for i in range(0, len(texts), batch_size):
+        for i in text_store.progress_range(len(texts), batch_size, progress, "text embeddings"):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             with self._autocast():
                 feats = _encode_text(self.model, tokens)
@@ -168,7 +172,7 @@ class Tagger:
 
     def _prompt_ensemble(self, groups: list[list[str]]) -> torch.Tensor:
         flat = [t for g in groups for t in g]
-        feats = self.encode_texts(flat)
+        feats = self.encode_texts(flat, progress=self.text_progress if len(flat) > 256 else False)
         rows, i = [], 0
         for g in groups:
             rows.append(feats[i : i + len(g)].mean(0))
@@ -185,6 +189,10 @@ class Tagger:
         return concepts, neutral
 
     def _load_text(self) -> None:
+        stored = text_store.load(self.info, self._cache_key(), len(self.vocab))  # `models pull`/`import`
+        if stored is not None:
+            self._text, self._neutral = stored
+            return
         path = self.cache_dir / "text" / f"{self._cache_key()}.npz" if self.cache_dir else None
         if path is not None and path.is_file():
             try:
