@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_CFG
+
 from localtag import precision as P
 
 CPU = torch.device("cpu")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_random_checkpoint
+
 from localtag import text_store
 from localtag import vocab as vocab_mod
 from localtag.models import ModelStore
