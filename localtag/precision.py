@@ -16,15 +16,15 @@ What each choice is:
   visual tower is copied; quantising the whole model would break open_clip's text path
   (``get_cast_dtype()`` reads ``c_fc.weight.dtype``). CPU only. In a ViT this covers the MLP layers
   (about two thirds of the FLOPs; the attention's ``in_proj`` is a bare parameter and ``out_proj`` a
-  ``NonDynamicallyQuantizableLinear``, both left in fp32); in a conv tower (ModifiedResNet) only the
-  attention-pool projections, i.e. almost nothing. :func:`quantised_fraction` says how much.
+  ``NonDynamicallyQuantizableLinear``, both left in fp32); in a conv tower (ModifiedResNet) nothing: its
+  attention pool reads the projections' weights directly, so they stay fp32. :func:`quantised_fraction` says how much.
 
 ``auto`` (see :func:`resolve`):
 
 - CUDA: ``bf16`` where the device supports it, else ``fp16`` (what the CUDA path always did).
 - CPU: ``fp32`` unless a candidate was **measured** faster on this CPU, for this model, by at least
   :data:`MIN_GAIN`. Candidates: ``bf16`` only on CPUs with native bf16 (``amx_bf16`` or
-  ``avx512_bf16`` flags; without them bf16 measured 0.15× fp32), and ``int8`` only when
+  ``avx512_bf16`` flags; without them bf16 measured 0.10–0.15× fp32), and ``int8`` only when
   :data:`AUTO_INT8` allows it, which it does not (top-5 agreement 97.3 % < 99 %, see there). On a CPU
   without native bf16, such as the 2-core AMD EPYC of development, ``auto`` is therefore ``fp32``
   without measuring anything. The measurement (a few interleaved forward passes, a few
