@@ -97,13 +97,13 @@ def main() -> None:
         cache.put_many(list(zip(digests, emb, strict=True)))
         cache.remember_files([(os.path.abspath(f), f.stat().st_size, f.stat().st_mtime_ns, d)
                               for f, d in zip(files, digests, strict=True)])
-    text_file = cache_dir / "text" / f"{tagger._cache_key()}.npz"
+    text_file = cache_dir / "text" / f"{tagger.text_key()}.npz"
     if not text_file.is_file():  # seed the text cache through the tagger's own save path
         dim = 512
         rng = np.random.default_rng(1)
         t = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((len(tagger.vocab), dim))).float(), dim=-1)
         n = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal(dim)).float(), dim=0)
-        tagger._build_text = lambda: (t, n)
+        tagger.build_text = lambda: (t, n)
         tagger.text_embeddings  # noqa: B018
     del tagger
 

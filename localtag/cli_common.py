@@ -17,7 +17,7 @@ MODEL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "models_dir": ("--models-dir", {"type": Path, "help": "model store folder (env LOCALTAG_MODELS_DIR)"}),
     "vocab": ("--vocab", {"type": Path, "help": "vocabulary file (default: the model's own, else vocab.txt)"}),
     "device": ("--device", {"help": "auto, cpu, cuda, cuda:N (env LOCALTAG_DEVICE)"}),
-    "precision": ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16"],
+    "precision": ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16", "int8"],
                                   "help": "image tower precision (env LOCALTAG_PRECISION; see README)"}),
     "cache_dir": ("--cache-dir", {"type": Path, "help": "cache folder (env LOCALTAG_CACHE_DIR)"}),
     "scoring": ("--scoring", {"choices": ["binary", "softmax", "sigmoid"], "help": "value mapping (see README)"}),

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import settings_from
+from .cli_common import add_progress_flag, settings_from
 
 
 def _store(args: argparse.Namespace):
@@ -33,17 +33,34 @@ def cmd_models_import(args: argparse.Namespace) -> int:
         args.path, args.arch, args.name, pretrained=args.pretrained or "", source=args.source or "",
         license=args.license or "", config=args.config, quick_gelu=args.quick_gelu or None, overwrite=args.overwrite,
     )
-    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256}))
+    texts = _store_text_embeddings(args, info)
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "text_embeddings": texts}))
     return 0
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
     info = _store(args).pull(args.arch, args.pretrained, args.name, overwrite=args.overwrite)
-    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "source": info.source}))
+    texts = _store_text_embeddings(args, info)
+    print(json.dumps({"name": info.name, "path": str(info.path), "sha256": info.sha256, "source": info.source,
+                      "text_embeddings": texts}))
     return 0
 
 
+def _store_text_embeddings(args: argparse.Namespace, info) -> list[str]:
+    """Text embeddings of the shipped vocab.txt and the model's own, into the model folder."""
+    from . import text_store
+    from .config import REPO_ROOT
+    from .loader import precompute_text
+
+    if not args.text:
+        return []
+    vocabs = [REPO_ROOT / "vocab.txt", *([info.vocab_path] if info.vocab_path else [])]
+    precompute_text(info, [v for v in vocabs if v.is_file()], progress=args.progress)
+    return [e["file"] for e in text_store.entries(info)]
+
+
 def cmd_models_verify(args: argparse.Namespace) -> int:
+    from . import text_store
     from .models import ModelError
 
     store = _store(args)
@@ -52,7 +69,10 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
     for m in models:
         try:
             store.verify(m)
-            print(f"ok      {m.name}  {m.sha256[:12]}")
+            problems = text_store.verify(m)
+            if problems:
+                raise ModelError(f"{m.name}: stored text embeddings: {'; '.join(problems)}")
+            print(f"ok      {m.name}  {m.sha256[:12]}  text embeddings: {len(text_store.entries(m))}")
         except ModelError as e:
             bad += 1
             print(f"FAILED  {m.name}: {e}")
@@ -78,8 +98,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mp.add_argument("--pretrained", help="open_clip pretrained tag, e.g. datacomp_s34b_b86k")
     mp.add_argument("--name")
     mp.add_argument("--overwrite", action="store_true")
-    mv = m.add_parser("verify", help="check weights against their sha256")
+    mv = m.add_parser("verify", help="check weights (and stored text embeddings) against their sha256")
     mv.add_argument("names", nargs="*")
+    for sp in (mi, mp):
+        sp.add_argument("--text", action=argparse.BooleanOptionalAction, default=True,
+                        help="store the text embeddings of the shipped and the model's vocabulary (default on)")
+        add_progress_flag(sp)
     for sp, fn in ((ml, cmd_models_list), (mi, cmd_models_import), (mp, cmd_models_pull), (mv, cmd_models_verify)):
         sp.add_argument("--models-dir", dest="models_dir", type=Path, default=None)
         sp.set_defaults(func=fn)

@@ -36,6 +36,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
+    tagger.text_progress = args.progress  # a bar while a new vocabulary's prompts are encoded
     cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
     total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat on huge folders
     results = Pipeline.from_settings(encoder, settings, cache=cache).run(walk(args.paths))

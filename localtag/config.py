@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     vocab: Path | None = None  # None: the model's own vocab.txt, else ./vocab.txt
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = "auto"
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (localtag.devices.resolve_precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # the image tower's (localtag.precision)
 
     # scoring
     scoring: str = "binary"

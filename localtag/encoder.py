@@ -4,8 +4,9 @@ Everything that turns pixels into embeddings goes through :class:`ImageEncoder`:
 (``tag``, ``embed``, ``retag --embed-missing``, ``eval``, ``directus sync``), the server's request
 batcher (REST, gRPC, Filestack, the Directus flow) and the tests. It owns:
 
-- the device and the precision (``fp32``: bit-for-bit open_clip; ``bf16`` / ``fp16``: autocast;
-  ``auto``: bf16 on CUDA where supported, else fp16, and fp32 on CPU);
+- the device and the precision (:mod:`localtag.precision`: ``fp32``, bit-for-bit open_clip; ``bf16`` /
+  ``fp16``, autocast; ``int8``, dynamic int8 on a copy of the visual tower, CPU; ``auto``, bf16 on
+  CUDA where supported, else fp16, and on CPU fp32 unless another precision was measured faster);
 - channels_last and optional ``torch.compile`` (CUDA batch runs; one static shape, the last batch
   padded);
 - host batches: uint8 pixels pinned and copied non-blocking, normalised on the device; on CUDA batch
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 
 from . import autotune, device_decode
-from .devices import autocast, pick_device, resolve_precision
+from .devices import autocast, pick_device
 from .errors import ImageError
+from .precision import quantize_int8, resolve
 from .preprocess import Prepared, Preprocess, short_side
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,13 @@ class ImageEncoder:
 
     def __init__(self, model: torch.nn.Module, transform: Any, *, image_size: int | Sequence[int],
                  device: torch.device | str = "cpu", precision: str = "auto", compile: bool = False,
-                 batch_size: int = 32, max_pixels: int = 85_000_000, max_bytes: int = 20_000_000):
+                 batch_size: int = 32, max_pixels: int = 85_000_000, max_bytes: int = 20_000_000,
+                 model_key: str = "", cache_dir: Any = None):
+        """``model_key`` (the weights' sha256) and ``cache_dir`` key the measured choice of ``auto``."""
         self.device = pick_device(device)
         self.cuda = self.device.type == "cuda"
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve(precision, self.device, model_key, cache_dir, model=model,
+                                 image_size=short_side(image_size))
         self.model = model
         self.channels_last = self.cuda
         if self.channels_last:
@@ -61,11 +66,14 @@ class ImageEncoder:
         self.asynchronous = self.cuda  # launch k+1 before collecting k
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
         self._batch_size = batch_size
-        self._tower = model.encode_image
+        # the image tower: open_clip's own encode_image (fp32 exact; bf16/fp16 under autocast), or the
+        # int8 copy of the visual tower (the text path keeps the fp32 weights)
+        self._tower = quantize_int8(model.visual, self.image_size) if self.precision == "int8" else model.encode_image
+        self._eager = self._tower
         self.compiled = False
         if compile:
             try:
-                self._tower = torch.compile(model.encode_image, dynamic=False)
+                self._tower = torch.compile(self._tower, dynamic=False)
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - compile is an optimisation only
                 log.warning("torch.compile unavailable (%s); running eagerly", e)
@@ -88,7 +96,7 @@ class ImageEncoder:
                 if not self.compiled:
                     raise
                 log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
-                self._tower, self.compiled = self.model.encode_image, False
+                self._tower, self.compiled = self._eager, False
                 return self._tower(x)
 
     @torch.inference_mode()

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from . import models as model_store
-from .devices import autocast, pick_device, resolve_precision
+from . import text_store
+from .devices import autocast, pick_device, text_precision
 from .numeric import sigmoid
 from .prompts import NEUTRAL_PROMPTS, TEMPLATES
 from .tag import Tag
@@ -89,6 +90,7 @@ class Tagger:
             log.warning("a calibration does not apply to scoring 'softmax': not used")
             calibration = None
         self.calibration = calibration
+        self.text_progress: bool | None = None  # a bar while encoding prompts: None = on a TTY
         self._text: torch.Tensor | None = None
         self._neutral: torch.Tensor | None = None
         self._edges = _parent_edges(vocab)
@@ -107,7 +109,7 @@ class Tagger:
         return int(self.text_embeddings.shape[1])
 
     # -- text side ---------------------------------------------------------------------------------
-    def _cache_key(self) -> str:
+    def text_key(self) -> str:
         h = hashlib.sha256()
         for part in (_CACHE_VERSION, self.model_sha256, self.vocab.sha256, "\n".join(self.templates),
                      "\n".join(NEUTRAL_PROMPTS)):
@@ -116,25 +118,27 @@ class Tagger:
         return h.hexdigest()
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
+                     progress: bool | None = False) -> torch.Tensor:
+        """L2-normalised text embeddings; ``progress``: a tqdm bar on stderr (None: on a TTY)."""
         out = []
-        for i in range(0, len(texts), batch_size):
+        for i in text_store.progress_range(len(texts), batch_size, progress, "text embeddings"):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
-            with autocast(self.device, resolve_precision("auto", self.device)):
+            with autocast(self.device, text_precision(self.device)):
                 feats = _encode_text(self.model, tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
     def _prompt_ensemble(self, groups: list[list[str]]) -> torch.Tensor:
         flat = [t for g in groups for t in g]
-        feats = self.encode_texts(flat)
+        feats = self.encode_texts(flat, progress=self.text_progress if len(flat) > 256 else False)
         rows, i = [], 0
         for g in groups:
             rows.append(feats[i : i + len(g)].mean(0))
             i += len(g)
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
-    def _build_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         groups = []
         for c in self.vocab:
             templates = c.prompts or self.templates
@@ -144,7 +148,11 @@ class Tagger:
         return concepts, neutral
 
     def _load_text(self) -> None:
-        path = self.cache_dir / "text" / f"{self._cache_key()}.npz" if self.cache_dir else None
+        stored = text_store.load(self.info, self.text_key(), len(self.vocab))  # `models pull`/`import`
+        if stored is not None:
+            self._text, self._neutral = stored
+            return
+        path = self.cache_dir / "text" / f"{self.text_key()}.npz" if self.cache_dir else None
         if path is not None and path.is_file():
             try:
                 with np.load(path) as z:
@@ -154,7 +162,7 @@ class Tagger:
             except (OSError, ValueError, KeyError) as e:
                 log.warning("text-embedding cache %s unreadable (%s); rebuilding", path, e)
         log.info("encoding %d concepts × %d templates with %s", len(self.vocab), len(self.templates), self.info.name)
-        self._text, self._neutral = self._build_text()
+        self._text, self._neutral = self.build_text()
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,13 @@ def _values(loaded: Loaded, images) -> np.ndarray:
 
 def test_text_cache_is_built_once_and_rebuilt_on_change(random_store, tmp_path, monkeypatch):
     calls = []
-    real = Tagger._build_text
+    real = Tagger.build_text
 
     def counting(self):
         calls.append(len(self.vocab))
         return real(self)
 
-    monkeypatch.setattr(Tagger, "_build_text", counting)
+    monkeypatch.setattr(Tagger, "build_text", counting)
     a = _tagger(random_store, tmp_path, "cat\ndog\n")
     first = a.text_embeddings.clone()
     assert calls == [2] and len(list((tmp_path / "text").glob("*.npz"))) == 1
