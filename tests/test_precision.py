@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_CFG
 
 from localtag import precision as P
+from localtag.config import Settings
 
 CPU = torch.device("cpu")
 
@@ -114,7 +116,8 @@ def test_measure_reports_ratios_to_fp32(tiny_vit):
 
 
 def test_settings_and_flag(monkeypatch):
-    from localtag.cli import build_parser, settings_from
+    from localtag.cli import build_parser
+    from localtag.cli_common import settings_from
     from localtag.config import Settings
 
     assert Settings().precision == "auto"
@@ -124,3 +127,21 @@ def test_settings_and_flag(monkeypatch):
         Settings(precision="int4")
     args = build_parser().parse_args(["tag", "x.jpg", "--precision", "fp32"])
     assert settings_from(args).precision == "fp32"
+
+
+def test_the_encoder_runs_the_precision_it_was_given(random_store, tmp_path, coco_images):
+    """`--precision int8` reaches the image encoder: quantised Linear layers, close to fp32, not equal."""
+    from localtag import decode
+    from localtag.loader import load
+
+    (tmp_path / "v.txt").write_text("cat\ndog\n")
+    kw = dict(models_dir=random_store, model="tiny-random", vocab=tmp_path / "v.txt", cache_dir=tmp_path, device="cpu")
+    fp32 = load(Settings(precision="fp32", **kw)).encoder
+    int8 = load(Settings(precision="int8", **kw)).encoder
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    assert any("quantized" in type(m).__module__ for m in int8._tower.modules())
+    images = [decode.decode(p) for p in coco_images[:6]]
+    a, b = fp32.embed(images), int8.embed(images)
+    assert (a * b).sum(1).min() > 0.99 and not np.array_equal(a, b)
+    if not P.native_bf16() and not P.AUTO_INT8:  # nothing can beat fp32 here: auto measures nothing
+        assert load(Settings(precision="auto", **kw)).encoder.precision == "fp32"
