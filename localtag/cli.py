@@ -356,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for ext in _EXTENSIONS:
         ext(sub)
+    __import__("localtag.cli_batch", fromlist=["add_parser"]).add_parser(sub)  # batch (issue 12)
     return p
 
 
