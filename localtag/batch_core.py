@@ -63,6 +63,21 @@ def fingerprint(tagger: Any, settings: Any) -> dict[str, Any]:
 IMAGE_KEYS = ("model_sha256", "preprocess", "max_pixels", "max_bytes", "fast_decode")
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads of this worker process's model. Float sums depend on how a batch is split over
+    threads, so workers that should give bit-identical answers must use the same number."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def default_threads() -> int:
+    """What torch picks in a plain process here (Ray's workers are started with OMP_NUM_THREADS=1)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def embedding_dim(tagger: Any) -> int:
     return int(tagger.info.model_cfg["embed_dim"])
 

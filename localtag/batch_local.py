@@ -9,7 +9,7 @@ from typing import Any
 from .batch_worker import ShardWorker
 
 
-def run(run_dir: str | Path, settings: Any, n_shards: int) -> Iterator[dict[str, Any]]:
+def run(run_dir: str | Path, settings: Any, n_shards: int, threads: int | None = None) -> Iterator[dict[str, Any]]:
     """Stats of every shard (already committed ones too, with ``committed`` False), in shard order."""
     worker: ShardWorker | None = None
     for shard in range(n_shards):
@@ -20,6 +20,6 @@ def run(run_dir: str | Path, settings: Any, n_shards: int) -> Iterator[dict[str,
             if done is not None:  # resuming: no model is loaded until a shard needs it
                 yield {**done, "committed": False}
                 continue
-            worker = ShardWorker(run_dir, settings)
+            worker = ShardWorker(run_dir, settings, threads)
             worker.announce(engine="local")
         yield worker.process(shard)

@@ -28,10 +28,12 @@ RAY_RANGE = ">=2.60,<2.64"
 
 
 class _RayShardWorker:
-    def __init__(self, run_dir: str, settings: Any):
+    def __init__(self, run_dir: str, settings: Any, threads: int | None):
+        from . import batch_core as core
         from .batch_worker import ShardWorker
 
-        self.worker = ShardWorker(run_dir, settings)
+        # Ray starts workers with OMP_NUM_THREADS=1; the local engine's default, unless told
+        self.worker = ShardWorker(run_dir, settings, threads or core.default_threads())
         self.worker.announce(engine="ray", node_id=ray.get_runtime_context().get_node_id())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -49,7 +51,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def run(run_dir: str | Path, settings: Any, n_shards: int, *, address: str | None = None, workers: int = 1,
-        cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, progress: bool = False) -> Iterator[dict]:
+        cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, threads: int | None = None,
+        progress: bool = False) -> Iterator[dict]:
     """Stats of every shard as it is done (any order); already committed shards are skipped by the actors."""
     connect(address)
     ctx = DataContext.get_current()
@@ -60,7 +63,8 @@ def run(run_dir: str | Path, settings: Any, n_shards: int, *, address: str | Non
     ds = ray.data.range(n_shards, override_num_blocks=n_shards)
     ds = ds.map_batches(
         _RayShardWorker,
-        fn_constructor_kwargs={"run_dir": str(Path(run_dir).resolve()), "settings": settings},
+        fn_constructor_kwargs={"run_dir": str(Path(run_dir).resolve()), "settings": settings,
+                              "threads": threads},
         batch_size=1,
         compute=ActorPoolStrategy(size=max(1, workers)),
         num_cpus=cpus_per_worker,

@@ -67,7 +67,9 @@ def shard_stats(table: pa.Table, seconds: float) -> dict[str, Any]:
 
 
 class ShardWorker:
-    def __init__(self, run_dir: str | Path, settings: Any):
+    def __init__(self, run_dir: str | Path, settings: Any, threads: int | None = None):
+        if threads:
+            core.set_threads(threads)
         self.store = RunStore(run_dir)
         self.settings = settings
         self.tagger = core.load_tagger(settings)

@@ -62,11 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         stats = batch_ray.run(store.root, settings, run["shards"], address=args.ray_address, workers=args.ray_workers,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                              progress=bool(args.progress))
+                              threads=args.threads, progress=bool(args.progress))
     else:
         from . import batch_local
 
-        stats = batch_local.run(store.root, settings, run["shards"])
+        stats = batch_local.run(store.root, settings, run["shards"], args.threads)
     n_new = items = 0
     for s in stats:
         if s.get("committed"):
@@ -178,6 +178,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPUs per Ray actor (default 0.5: leaves CPUs for Ray's read tasks)")
     r.add_argument("--decode-threads", dest="workers", type=int,
                    help="decode threads per worker (env LOCALTAG_WORKERS)")
+    r.add_argument("--threads", type=int, help="torch threads per worker (default: the machine's cores, also in "
+                   "Ray actors; answers are bit-identical between workers with the same number)")
     r.add_argument("--batch-size", dest="batch_size", type=int, help="images per model batch")
     r.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse larger images (default 85 MP)")
     r.add_argument("--fast", dest="fast_decode", action="store_true", default=None, help="JPEG draft decoding")

@@ -7,6 +7,7 @@ again; and pushing twice changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 
@@ -29,7 +30,7 @@ def test_push_keeps_a_persons_tags_and_twice_is_once(directus, fixture_model, ca
     for i in ids[:4]:
         client.set_tags(i, PERSON)
     monkeypatch.setenv("LOCALTAG_DIRECTUS_TOKEN", directus.token)  # the token: never a flag, never in a log
-    source = 'directus://?filter={"title":{"_eq":"%s"}}' % marker
+    source = "directus://?filter=" + json.dumps({"title": {"_eq": marker}})
     out = tmp_path / "run"
     with caplog.at_level(logging.DEBUG):
         code, res = batch(capsys, "run", source, "--out", str(out), "--shard-size", "4", "--directus-url",

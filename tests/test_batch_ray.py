@@ -43,7 +43,7 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def margs(fixture_model, cache_dir) -> list[str]:
-    return model_args(fixture_model, cache_dir)
+    return [*model_args(fixture_model, cache_dir), "--batch-size", "5"]  # short batches: sensitive to threads
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_ray_gives_the_local_engine_answers(ray_address, local_run, tmp_path, ma
     ray_rows = committed_rows(out)
     local_rows = committed_rows(local_run)
     assert [(r["id"], r["concepts"]) for r in ray_rows] == [(r["id"], r["concepts"]) for r in local_rows]
-    assert len({w["pid"] for w in workers(out)}) == 2  # two actors did the work
+    assert len({w["pid"] for w in workers(out)}) >= 2  # two actors (or more, after a restart) did the work
     store_r, store_l = RunStore(out), RunStore(local_run)
     for shard in (0, 7):  # the embeddings are bit-identical too
         a = store_r.read_shard(store_r.marker(shard), ["embedding"]).column(0).to_pylist()
