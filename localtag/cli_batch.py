@@ -85,17 +85,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args.run_dir)  # first: says what to install when pyarrow is missing
     from . import batch_ops
 
-    s = batch_ops.status(_store(args.run_dir))
+    s = batch_ops.status(store)
     print(json.dumps(s, indent=1) if args.json else batch_ops.status_text(s))
     return 0 if s["complete"] else 2
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args.run_dir)
     from . import batch_ops
 
-    store = _store(args.run_dir)
     if args.format == "parquet":
         n = batch_ops.export(store, "parquet", None, args.output)
     elif args.output:
@@ -108,9 +109,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
+    store = _store(args.run_dir)
     from . import batch_ops
 
-    store = _store(args.run_dir)
     run = store.read_run()
     settings = _settings(args)
     if args.model is None:  # the run's own model
@@ -122,6 +123,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    store = _store(args.run_dir)
     from . import batch_core as core
     from . import batch_ops
 
@@ -133,7 +135,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request, URLs with no secrets, still noise
     client = core.directus_client(settings.directus_url, settings.directus_token.get_secret_value())
     with client:
-        counts = batch_ops.push(_store(args.run_dir), client, dry_run=args.dry_run)
+        counts = batch_ops.push(store, client, dry_run=args.dry_run)
     print(json.dumps(counts))
     return 0
 
