@@ -14,12 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import cli_directus, cli_eval, cli_models, cli_serve, cli_tag, cli_vocab
+from . import cli_batch, cli_directus, cli_eval, cli_models, cli_serve, cli_tag, cli_vocab
 
 log = logging.getLogger("localtag")
 
 #: the command modules, in the order ``--help`` lists them
-COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval)
+COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, cli_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,67 @@
+"""`localtag batch run directus://…` and `batch push` against the real Directus (tests/directus_fixtures.py).
+
+The push uses `directus sync`'s own merge and record (plan_tags / write_plan / provenance_stamp): a
+person's tags stay, in their order; localtag's are recorded; a tag a person removed is never written
+again; and pushing twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import pytest
+from batch_helpers import batch, committed_rows, model_args
+
+from localtag.directus_client import DirectusClient
+from localtag.tag_merge import PROVENANCE_FIELD
+
+pytestmark = pytest.mark.directus
+
+PERSON = ["holiday", "Grandma's house"]
+
+
+def test_push_keeps_a_persons_tags_and_twice_is_once(directus, fixture_model, cache_dir, coco_images, tmp_path,
+                                                    capsys, caplog, monkeypatch):
+    client = DirectusClient(directus.url, directus.token)
+    marker = f"batch-{uuid.uuid4().hex[:8]}"
+    ids = [client.upload(p, title=marker)["id"] for p in coco_images[:10]]
+    bad = client.upload(coco_images[10].read_bytes()[:500] + b"\0" * 40, "broken.jpg", title=marker)["id"]
+    for i in ids[:4]:
+        client.set_tags(i, PERSON)
+    monkeypatch.setenv("LOCALTAG_DIRECTUS_TOKEN", directus.token)  # the token: never a flag, never in a log
+    source = "directus://?filter=" + json.dumps({"title": {"_eq": marker}})
+    out = tmp_path / "run"
+    with caplog.at_level(logging.DEBUG):
+        code, res = batch(capsys, "run", source, "--out", str(out), "--shard-size", "4", "--directus-url",
+                          directus.url, "--max-concepts", "3", *model_args(fixture_model, cache_dir))
+    assert code == 1 and res["items"] == {"planned": 11, "ok": 10, "failed": 1, "pending": 0}, res
+    rows = {r["id"]: r for r in committed_rows(out)}
+    assert set(rows) == {*ids, bad} and rows[bad]["error_kind"] == "corrupt"
+
+    code, counts = batch(capsys, "push", str(out), "--directus-url", directus.url)
+    assert code == 0 and counts["written"] == 10 and counts["failed_items"] == 1, counts
+    after = client.files_by_id([*ids, bad], ["tags", PROVENANCE_FIELD])
+    for i in ids:
+        machine = [c["name"] for c in rows[i]["concepts"]]
+        prov = after[i][PROVENANCE_FIELD]
+        assert prov["tags"] == machine and len(machine) == 3
+        assert after[i]["tags"] == (PERSON if i in ids[:4] else []) + machine
+        assert prov["model_sha256"] and prov["run"] == res["run_id"]
+    assert after[bad]["tags"] is None and after[bad][PROVENANCE_FIELD] is None
+
+    code, counts = batch(capsys, "push", str(out), "--directus-url", directus.url)
+    assert counts["written"] == 0 and counts["unchanged"] == 10
+    assert client.files_by_id([*ids, bad], ["tags", PROVENANCE_FIELD]) == after  # tagged_at included
+
+    # a person removes one machine tag: it is remembered and not written again
+    gone = after[ids[5]][PROVENANCE_FIELD]["tags"][0]
+    client.set_tags(ids[5], [t for t in after[ids[5]]["tags"] if t != gone])
+    code, counts = batch(capsys, "push", str(out), "--directus-url", directus.url)
+    assert counts["written"] == 1 and counts["unchanged"] == 9
+    row = client.files_by_id([ids[5]], ["tags", PROVENANCE_FIELD])[ids[5]]
+    assert gone not in row["tags"] and row[PROVENANCE_FIELD]["rejected"] == [gone]
+    assert batch(capsys, "push", str(out), "--directus-url", directus.url)[1]["written"] == 0
+    assert directus.token not in caplog.text and directus.token not in capsys.readouterr().err
+    assert directus.token not in "".join(p.read_text() for p in out.glob("*.json*"))
