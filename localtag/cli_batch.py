@@ -22,7 +22,7 @@ MISSING_RAY = "--engine ray needs Ray Data: pip install 'localtag[ray]' (ray[dat
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .cli import settings_from
+    from .cli_common import settings_from
 
     return settings_from(args)
 

@@ -189,7 +189,8 @@ class Tagger:
     # -- scoring -----------------------------------------------------------------------------------
     def logits(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         """Raw per-concept logits [N, concepts] before the value mapping."""
-        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        emb = np.asarray(embeddings, dtype=np.float32)
+        emb = torch.from_numpy(emb if emb.flags.writeable else emb.copy())  # e.g. a Parquet column's buffer
         cos = emb @ self.text_embeddings.T
         if self.scoring == "binary":
             cos = cos - (emb @ self.neutral_embedding)[:, None]
