@@ -171,6 +171,7 @@ class DirectusServer:
         self.port = port or free_port()
         self.token = secrets.token_urlsafe(24)
         self.admin_password = secrets.token_urlsafe(16)
+        self.flow_secret = "flow-" + secrets.token_hex(16)  # what install_flow's header reads from $env
         self.log_path = self.workdir / "directus.log"
         self.proc: subprocess.Popen | None = None
         self.env = {
@@ -190,6 +191,8 @@ class DirectusServer:
             "ADMIN_TOKEN": self.token,
             "TELEMETRY": "false",
             "IMPORT_IP_DENY_LIST": "169.254.169.254",  # let flows call a tagger on 127.0.0.1
+            "LOCALTAG_FLOW_SECRET": self.flow_secret,
+            "FLOWS_ENV_ALLOW_LIST": "LOCALTAG_FLOW_SECRET",
             "LOG_LEVEL": "warn",
             "LOG_STYLE": "raw",
             **(extra_env or {}),
