@@ -1,8 +1,9 @@
 """``localtag directus install-flow | uninstall-flow | sync``.
 
 The Directus URL and token come from ``--directus-url`` / ``--token`` or ``LOCALTAG_DIRECTUS_URL`` /
-``LOCALTAG_DIRECTUS_TOKEN`` (the environment keeps the token out of ``ps``); the flow secret from
-``--secret`` or ``LOCALTAG_FLOW_SECRET``. No secret is ever logged or printed.
+``LOCALTAG_DIRECTUS_TOKEN`` (the environment keeps the token out of ``ps``). The flow secret is never
+given to install-flow: the flow reads it from Directus's own environment (``--secret-env``), and
+``localtag serve`` from ``LOCALTAG_FLOW_SECRET``. No secret is ever logged or printed.
 """
 
 from __future__ import annotations
