@@ -1,8 +1,9 @@
 """``localtag directus install-flow | uninstall-flow | sync``.
 
 The Directus URL and token come from ``--directus-url`` / ``--token`` or ``LOCALTAG_DIRECTUS_URL`` /
-``LOCALTAG_DIRECTUS_TOKEN`` (the environment keeps the token out of ``ps``); the flow secret from
-``--secret`` or ``LOCALTAG_FLOW_SECRET``. No secret is ever logged or printed.
+``LOCALTAG_DIRECTUS_TOKEN`` (the environment keeps the token out of ``ps``). The flow secret is never
+given to install-flow: the flow reads it from Directus's own environment (``--secret-env``), and
+``localtag serve`` from ``LOCALTAG_FLOW_SECRET``. No secret is ever logged or printed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,15 +50,13 @@ def cmd_install_flow(args: argparse.Namespace) -> int:
     from .directus_client import DirectusError, ensure_provenance_field
 
     settings, client = _connect(args)
-    if settings.flow_secret is None or not settings.flow_secret.get_secret_value():
-        raise ValueError("give --secret or set LOCALTAG_FLOW_SECRET (the server must use the same one)")
     url = flow_url(args.localtag_url)
     with client:
         try:
             had_field = ensure_provenance_field(client, create=False)
             if not had_field:
                 ensure_provenance_field(client)
-            flow_id = client.install_flow(args.name, url, settings.flow_secret.get_secret_value())
+            flow_id = client.install_flow(args.name, url, args.secret_env)
         except DirectusError as e:
             log.error("%s", e)
             return 2
@@ -68,8 +68,10 @@ def cmd_install_flow(args: argparse.Namespace) -> int:
         log.warning("%s is a local address: Directus's flows refuse it unless its IMPORT_IP_DENY_LIST leaves it "
                     "out (e.g. IMPORT_IP_DENY_LIST=169.254.169.254; the default 0.0.0.0 means every local "
                     "interface)", urlsplit(url).hostname)
-    log.info("flow %r sends every upload to %s; the server needs LOCALTAG_DIRECTUS_URL, "
-             "LOCALTAG_DIRECTUS_TOKEN and the same LOCALTAG_FLOW_SECRET", args.name, url)
+    log.warning("flow %r sends every upload to %s with the secret from Directus's own environment: Directus "
+                "needs %s=<the secret> and FLOWS_ENV_ALLOW_LIST=%s (then restart it); `localtag serve` needs "
+                "LOCALTAG_DIRECTUS_URL, LOCALTAG_DIRECTUS_TOKEN and LOCALTAG_FLOW_SECRET=<the same secret>",
+                args.name, url, args.secret_env, args.secret_env)
     return 0
 
 
@@ -103,8 +105,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
             raise ValueError("--filter must be a JSON object (a Directus filter on directus_files)")
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
+    if args.run is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.run):
+        raise ValueError("--run takes a run id as a summary prints it (letters, digits, - and _)")
+    window = settings.directus_retry_window if args.retry_window is None else args.retry_window
     options = SyncOptions(filter=filt, retag=args.retag, dry_run=args.dry_run, concurrency=args.concurrency,
-                          rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value)
+                          rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value,
+                          retry_window=window, retry_failed=args.retry_failed, run=args.run)
     tagger, encoder = load(settings)
     cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
     bar = progress(None, None, args.progress, "directus sync", unit="file")
@@ -126,6 +132,8 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .config import Settings
+
     d = sub.add_parser("directus", help="tag Directus files: a flow for uploads, a sync for the whole library")
     ds = d.add_subparsers(dest="directus_cmd", required=True)
 
@@ -134,8 +142,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--localtag-url", required=True,
                    help="localtag's URL as Directus reaches it, e.g. http://127.0.0.1:8080 (the flow posts to "
                    "/directus/flow there)")
-    i.add_argument("--secret", dest="flow_secret", help="shared secret for the X-Localtag-Secret header "
-                   "(better: env LOCALTAG_FLOW_SECRET; `localtag serve` must have the same)")
+    i.add_argument("--secret-env", dest="secret_env", default="LOCALTAG_FLOW_SECRET", metavar="NAME",
+                   help="the variable in DIRECTUS's environment holding the shared secret for the "
+                   "X-Localtag-Secret header (default LOCALTAG_FLOW_SECRET; Directus also needs "
+                   "FLOWS_ENV_ALLOW_LIST=NAME). The secret itself is never sent to or stored in Directus, so "
+                   "its flow log can't show it; `localtag serve` needs the same value in LOCALTAG_FLOW_SECRET")
     i.add_argument("--name", default=DEFAULT_FLOW_NAME, help=f"flow name (default {DEFAULT_FLOW_NAME!r})")
     i.set_defaults(func=cmd_install_flow)
 
@@ -161,8 +172,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rendition", type=int, metavar="PIXELS",
                    help="download Directus's JPEG rendition with this short side instead of the original "
                    "(e.g. 448; see README for when it pays)")
-    s.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image")
-    s.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs")
+    s.add_argument("--run", metavar="ID", help="the run id; give an interrupted --retag run's id (its summary "
+                   "prints it) to resume it: files that run retagged are skipped without a download")
+    s.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                   help="also try files whose earlier failure is recorded (directus_files.localtag_failed) and "
+                   "that have not changed since (by default they are skipped: 'failed before')")
+    s.add_argument("--retry-window", dest="retry_window", type=float, metavar="SECONDS",
+                   help="how long to wait for an unreachable Directus (a restart) before stopping, pinging "
+                   f"with backoff (default {Settings.model_fields['directus_retry_window'].default:g}, env "
+                   "LOCALTAG_DIRECTUS_RETRY_WINDOW; 0: stop at once)")
+    s.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image (default "
+                   f"{Settings.model_fields['directus_max_concepts'].default}, env LOCALTAG_DIRECTUS_MAX_CONCEPTS)")
+    s.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs (default "
+                   f"{Settings.model_fields['directus_min_value'].default:g}, env LOCALTAG_DIRECTUS_MIN_VALUE; "
+                   "a calibrated probability when the model has a calibration from `localtag calibrate`, and "
+                   "the vocabulary's per-concept thresholds apply too). The flow uses the same defaults")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: on a TTY)")
     s.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,

@@ -64,8 +64,10 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
     from .models import ModelError
 
     store = _store(args)
-    models = [store.resolve(n) for n in args.names] if args.names else store.list()
-    bad = 0
+    models, broken = ([store.resolve(n) for n in args.names], []) if args.names else store.scan()
+    bad = len(broken)
+    for e in broken:
+        print(f"FAILED  {e}")
     for m in models:
         try:
             store.verify(m)

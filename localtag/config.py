@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     directus_url: str | None = None
     directus_token: SecretStr | None = None
     flow_secret: SecretStr | None = None
+    # what `directus sync` and the flow write by default: tags whose value is at least this (a calibrated
+    # probability when the model has a calibration; the vocabulary's per-concept thresholds apply too)
+    directus_min_value: float = 0.5
+    directus_max_concepts: int = 10
+    directus_retry_window: float = 300.0  # seconds `sync` waits for an unreachable Directus to come back
 
     @field_validator("host", mode="before")
     @classmethod

@@ -4,6 +4,8 @@
 - Every mode becomes RGB: palette and alpha images are composited on white, 16-bit greyscale is
   scaled (not clipped), CMYK is converted, an animation gives its first frame.
 - The pixel count is checked from the header, before any pixel is decoded (decompression bombs).
+- HEIC / HEIF (phone photos) decode through ``pillow-heif`` (the ``heic`` extra); without it the error
+  says what to install.
 - ``draft`` lets the JPEG decoder produce a reduced-scale image (1/2, 1/4, 1/8) directly, which is
   several times cheaper for photos much larger than the model input.
 """
@@ -24,6 +26,31 @@ from .errors import CORRUPT, NOT_FOUND, NOT_IMAGE, TOO_MANY_BYTES, TOO_MANY_PIXE
 # Our own limit (``max_pixels``) replaces Pillow's global one, checked before decoding.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"heif"}
+HEIF_MISSING = ("a HEIC/HEIF image, and pillow-heif is not installed: install it with "
+                "`pip install 'localtag[heic]'` (or `pip install pillow-heif`)")
+_heif: bool | None = None
+
+
+def is_heif(data: bytes) -> bool:
+    """An ISO-BMFF file whose ftyp brand is a HEIF one (phones' .heic / .heif)."""
+    return len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+
+
+def heif_ready() -> bool:
+    """Register pillow-heif's opener with Pillow once; False when it is not installed."""
+    global _heif
+    if _heif is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _heif = False
+        else:
+            register_heif_opener()
+            _heif = True
+    return _heif
+
 
 def read_source(source: str | Path | bytes, max_bytes: int) -> bytes:
     """The bytes of a path or of bytes already in memory, with the byte cap applied.
@@ -80,6 +107,8 @@ def decode(
     data = read_source(source, max_bytes)
     if not data:
         raise ImageError(NOT_IMAGE, "empty input")
+    if is_heif(data) and not heif_ready():
+        raise ImageError(NOT_IMAGE, HEIF_MISSING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -17,6 +17,7 @@ import json
 import logging
 import mimetypes
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,9 +28,14 @@ import httpx
 from .limits import TooLarge, read_capped
 from .tag_merge import PROVENANCE_FIELD, TagPlan, plan_tags
 
+#: beside the provenance record: why localtag could not tag the file, and which content that was
+FAILED_FIELD = "localtag_failed"
+
 #: where `localtag serve` takes the flow made by :meth:`DirectusClient.install_flow`
 FLOW_PATH = "/directus/flow"
 SECRET_HEADER = "X-Localtag-Secret"
+#: the Directus environment variable the flow's header comes from (also in FLOWS_ENV_ALLOW_LIST)
+SECRET_ENV = "LOCALTAG_FLOW_SECRET"
 DEFAULT_FIELDS = ("id", "type", "tags", "filename_download", "filesize", "width", "height")
 IMAGES_ONLY = {"type": {"_starts_with": "image/"}}
 log = logging.getLogger(__name__)
@@ -292,12 +298,21 @@ class DirectusClient:
         }
         return self._data("GET", "/flows", params=params) or []
 
-    def install_flow(self, name: str, localtag_url: str, secret: str) -> str:
+    def install_flow(self, name: str, localtag_url: str, secret_env: str = SECRET_ENV) -> str:
         """Create or update (in place, never a duplicate) the flow that POSTs each upload to localtag.
 
         Body: {"trigger": <the event's trigger object>} as JSON; header X-Localtag-Secret.
+        The secret is never stored in Directus's database: the header is ``{{$env.<secret_env>}}``, which
+        Directus fills from its own environment at each run and redacts in the flow's log (its revisions
+        show ``--redacted:<secret_env>--``). So Directus needs ``<secret_env>=<the secret>`` and
+        ``FLOWS_ENV_ALLOW_LIST=<secret_env>`` in its environment. (A literal header value would be stored
+        in every run's revision, and so would a script holding the secret: Directus logs each step's
+        resolved options.)
         Directus must allow the target address: for 127.0.0.1 set IMPORT_IP_DENY_LIST=169.254.169.254.
         """
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", secret_env):
+            raise ValueError(f"{secret_env!r} is not an environment variable name (A-Z, 0-9, _)")
+        secret = "{{$env." + secret_env + "}}"
         ops = [
             {
                 "key": "localtag",
@@ -460,6 +475,36 @@ def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> b
             status=e.status,
             code=e.code,
         ) from None
+    return True
+
+
+_FAILED_DEFINITION = {
+    "field": FAILED_FIELD,
+    "type": "json",
+    "meta": {
+        "interface": "input-code",
+        "options": {"language": "json"},
+        "special": ["cast-json"],
+        "readonly": True,
+        "note": "Written by localtag: why this file could not be tagged (with its sha256, size and upload "
+        "time). `localtag directus sync` skips it until the file changes or --retry-failed is given.",
+    },
+    "schema": {"is_nullable": True},
+}
+
+
+def ensure_failure_field(client: DirectusClient, *, create: bool = True) -> bool:
+    """Whether directus_files.localtag_failed exists; with `create`, make it when missing (False if refused)."""
+    if FAILED_FIELD in client.field_names("directus_files"):
+        return True
+    if not create:
+        return False
+    try:
+        client.create_field("directus_files", _FAILED_DEFINITION)
+    except DirectusAuthError:
+        log.warning("cannot create directus_files.%s (needs an admin token): failures are not remembered",
+                    FAILED_FIELD)
+        return False
     return True
 
 

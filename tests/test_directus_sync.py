@@ -22,7 +22,7 @@ from localtag import cli
 from localtag.config import Settings
 from localtag.decode import decode
 from localtag.directus_client import DirectusClient
-from localtag.directus_sync import SyncOptions, run_sync
+from localtag.directus_sync import FAILED_BEFORE, SyncOptions, run_sync
 from localtag.loader import load
 from localtag.tag_merge import PROVENANCE_FIELD
 
@@ -39,7 +39,8 @@ def model_settings(request: pytest.FixtureRequest, tmp: Path, **extra) -> Settin
 
     The embedding cache is this module's own (``tmp``): no other test's embeddings can stand in for a
     sync that failed to download or decode."""
-    base = {"cache_dir": tmp / "cache", "device": "cpu", "max_concepts": MAX_CONCEPTS, "batch_size": 16, "workers": 2}
+    base = {"cache_dir": tmp / "cache", "device": "cpu", "max_concepts": MAX_CONCEPTS, "batch_size": 16, "workers": 2,
+            "directus_max_concepts": MAX_CONCEPTS, "directus_min_value": 0.0}  # these tests: every concept
     if (FIXTURE_MODEL / "manifest.json").is_file():
         return Settings(model=str(FIXTURE_MODEL), **base, **extra)
     (tmp / "vocab.txt").write_text(SMALL_VOCAB)
@@ -113,7 +114,7 @@ def library(client, coco_images) -> dict:
 
 def sync_cli(capsys, directus, settings, library, *extra: str) -> tuple[int, dict, str]:
     argv = ["directus", "sync", "--directus-url", directus.url, "--token", directus.token,
-            "--filter", json.dumps(library["filter"]), "--max-concepts", str(MAX_CONCEPTS),
+            "--filter", json.dumps(library["filter"]), "--max-concepts", str(MAX_CONCEPTS), "--min-value", "0",
             *model_args(settings), *extra]
     rc = cli.main(argv)
     out, err = capsys.readouterr()
@@ -124,7 +125,8 @@ def sync_cli(capsys, directus, settings, library, *extra: str) -> tuple[int, dic
 def first_sync(directus, settings, library) -> tuple[int, dict, str]:
     """The first `localtag directus sync` of the library (every test that needs a synced library uses it)."""
     argv = ["directus", "sync", "--directus-url", directus.url, "--token", directus.token,
-            "--filter", json.dumps(library["filter"]), "--max-concepts", str(MAX_CONCEPTS), *model_args(settings)]
+            "--filter", json.dumps(library["filter"]), "--max-concepts", str(MAX_CONCEPTS), "--min-value", "0",
+            *model_args(settings)]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(argv)
@@ -167,7 +169,8 @@ def test_sync_tags_the_library_and_reports_the_rest(directus, client, settings, 
 def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus, client, settings, library,
                                                                first_sync):
     rc, again, _ = sync_cli(capsys, directus, settings, library)
-    assert again["tagged"] == 0 and again["skipped_reasons"]["already tagged"] == 128 and again["failed"] == 1
+    assert again["tagged"] == 0 and again["skipped_reasons"]["already tagged"] == 128 and again["failed"] == 0
+    assert again["skipped_reasons"][FAILED_BEFORE] == 1 and rc == 0  # the corrupt JPEG, recorded and unchanged
 
     before = state(client, library["images"])
     a, b, c = [f for f in library["images"] if not library["person"].get(f)][:3]
@@ -178,7 +181,8 @@ def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus,
     client.update_file(b, {"tags": [*b_machine, b_machine[0]]})
 
     rc, retag, _ = sync_cli(capsys, directus, settings, library, "--retag", "--max-concepts", "1")
-    assert retag["tagged"] == 128 and retag["skipped_reasons"] == {"not an image": 1, "tags field is not a list": 1}
+    assert retag["tagged"] == 128 and retag["skipped_reasons"] == {"not an image": 1, "tags field is not a list": 1,
+                                                                   FAILED_BEFORE: 1}
     after = state(client, library["images"])
     for file_id in library["images"]:
         row = after[file_id]
@@ -244,7 +248,7 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
             ids.append(fid)
             person[fid] = tags or []
     tagger, encoder = load(settings)
-    options = SyncOptions(filter=filt, concurrency=4)
+    options = SyncOptions(filter=filt, concurrency=4, retry_window=0)  # a dead Directus stops this one
 
     def interrupt_after(n):
         seen = []
