@@ -228,6 +228,13 @@ def provenance_stamp(model: str, model_sha256: str, vocab_sha256: str, run: str)
     return core_stamp(tagger, run)
 
 
+def tag(concept: dict[str, Any]) -> Any:
+    """A stored concept row (``id``, ``name``, ``value``) as the core's :class:`~localtag.tag.Tag`."""
+    from .tag import Tag
+
+    return Tag(concept["id"], concept["name"], float(concept["value"]))
+
+
 def plan_tags(current: Any, provenance: Any, new: Sequence[Any], stamp: dict[str, Any]) -> Any:
     """``directus sync``'s merge: a person's tags stay, localtag's own are replaced (see tag_merge.py)."""
     from .tag_merge import plan_tags as core_plan

@@ -200,7 +200,7 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
             if row is None:
                 counts["missing"] += 1
                 continue
-            new = [SimpleNamespace(**c) for c in r["concepts"] or ()]
+            new = [core.tag(c) for c in r["concepts"] or ()]
             try:
                 plan = core.plan_tags(row.get("tags"), row.get(field), new, stamp)
             except core.tags_field_error() as e:

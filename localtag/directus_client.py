@@ -444,19 +444,20 @@ class DirectusClient:
         return bool(flows)
 
 
-_FIELD_DEFINITION = {
-    "field": PROVENANCE_FIELD,
-    "type": "json",
-    "meta": {
-        "interface": "input-code",
-        "options": {"language": "json"},
-        "special": ["cast-json"],
-        "readonly": True,
-        "note": "Written by localtag: which of the tags are machine tags (model, vocabulary, values). "
-        "Tags you add or remove yourself are never changed by localtag.",
-    },
-    "schema": {"is_nullable": True},
-}
+def _readonly_json_field(name: str, note: str) -> dict[str, Any]:
+    """The definition of a read-only json field of localtag's on directus_files."""
+    return {
+        "field": name,
+        "type": "json",
+        "meta": {"interface": "input-code", "options": {"language": "json"}, "special": ["cast-json"],
+                 "readonly": True, "note": note},
+        "schema": {"is_nullable": True},
+    }
+
+
+_FIELD_DEFINITION = _readonly_json_field(
+    PROVENANCE_FIELD, "Written by localtag: which of the tags are machine tags (model, vocabulary, values). "
+    "Tags you add or remove yourself are never changed by localtag.")
 
 
 def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> bool:
@@ -478,19 +479,9 @@ def ensure_provenance_field(client: DirectusClient, *, create: bool = True) -> b
     return True
 
 
-_FAILED_DEFINITION = {
-    "field": FAILED_FIELD,
-    "type": "json",
-    "meta": {
-        "interface": "input-code",
-        "options": {"language": "json"},
-        "special": ["cast-json"],
-        "readonly": True,
-        "note": "Written by localtag: why this file could not be tagged (with its sha256, size and upload "
-        "time). `localtag directus sync` skips it until the file changes or --retry-failed is given.",
-    },
-    "schema": {"is_nullable": True},
-}
+_FAILED_DEFINITION = _readonly_json_field(
+    FAILED_FIELD, "Written by localtag: why this file could not be tagged (with its sha256, size and upload "
+    "time). `localtag directus sync` skips it until the file changes or --retry-failed is given.")
 
 
 def ensure_failure_field(client: DirectusClient, *, create: bool = True) -> bool:
