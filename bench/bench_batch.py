@@ -10,7 +10,7 @@ Side by side in one run, on the same list of images (the 128 COCO photos repeate
 3. Driver peak RSS (``ru_maxrss`` of the driver process alone) of ``--engine ray`` and ``--engine local``
    runs of 1,000 and 50,000 items (CIFAR-10 32×32 JPEGs, repeated, shards of 1,000).
 
-Model: the trained fixture ``models/cifar10-tiny`` (small ViT, 32 px input) unless ``--model``; with it,
+Model: the trained fixture ``models/cifar10-tiny`` (a small ModifiedResNet, 32 px input) unless ``--model``; with it,
 JPEG decoding dominates, as it does on real GPU clusters.
 
     .venv/bin/python bench/bench_batch.py --images 2000
