@@ -17,23 +17,6 @@ from typing import Any
 import numpy as np
 
 
-class _Hashing:
-    """An embedding "cache" that never hits: with it the pipeline hashes every input's bytes (the
-    sha256 each batch row carries) and nothing is stored. The run's own Parquet is the batch cache."""
-
-    def get(self, digest: str) -> None:
-        return None
-
-    def put_many(self, items: list) -> None:
-        return None
-
-    def file_digest(self, path: str, size: int, mtime_ns: int) -> None:
-        return None  # every file is read and hashed
-
-    def remember_files(self, items: Iterable) -> None:
-        return None
-
-
 # -- the model ----------------------------------------------------------------------------------------
 def load(settings: Any) -> Any:
     """The tagger and the image encoder of these settings (:func:`localtag.loader.load`)."""
@@ -65,13 +48,14 @@ def fingerprint(tagger: Any, settings: Any) -> dict[str, Any]:
         "max_pixels": settings.max_pixels,
         "max_bytes": settings.max_bytes,
         "fast_decode": settings.fast_decode,
+        "precision": settings.precision,
         "max_concepts": settings.max_concepts,
         "min_value": settings.min_value,
     }
 
 
 #: the part of a fingerprint the stored embeddings depend on (``rescore`` may change the rest)
-IMAGE_KEYS = ("model_sha256", "preprocess", "max_pixels", "max_bytes", "fast_decode")
+IMAGE_KEYS = ("model_sha256", "preprocess", "max_pixels", "max_bytes", "fast_decode", "precision")
 
 
 def set_threads(n: int) -> None:
@@ -94,10 +78,11 @@ def embedding_dim(tagger: Any) -> int:
 
 
 def make_pipeline(encoder: Any, settings: Any) -> Any:
-    """The core pipeline over this image encoder, hashing every input (see :class:`_Hashing`)."""
+    """The core pipeline over this image encoder, hashing every input (the sha256 each row carries).
+    No embedding cache: the run's own Parquet is the batch cache."""
     from .pipeline import Pipeline
 
-    return Pipeline.from_settings(encoder, settings, cache=_Hashing())
+    return Pipeline.from_settings(encoder, settings, hash_inputs=True)
 
 
 def job(key: str, source: Any, meta: dict | None = None) -> Any:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_common import add_directus_flags, add_model_flags
+
 log = logging.getLogger("localtag.batch")
 
 MISSING_PYARROW = "the batch commands need pyarrow: pip install 'localtag[batch]'"
@@ -141,20 +143,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model name in the store, or a model folder (env LOCALTAG_MODEL)")
-    p.add_argument("--models-dir", dest="models_dir", type=Path, help="model store folder")
-    p.add_argument("--vocab", type=Path, help="vocabulary file (default: the model's own, else vocab.txt)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (each worker's)")
-    p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="cache folder (text embeddings)")
-    p.add_argument("--scoring", choices=["binary", "softmax", "sigmoid"])
+    """The shared model flags, less those `batch run` gives its own meaning (--workers, --batch-size, …)."""
+    add_model_flags(p, only=("model", "models_dir", "vocab", "device", "precision", "cache_dir", "scoring"))
     p.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image (default 20)")
     p.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs")
-
-
-def _connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--directus-url", dest="directus_url", help="Directus base URL (env LOCALTAG_DIRECTUS_URL)")
-    p.add_argument("--token", dest="directus_token",
-                   help="Directus static token (better: env LOCALTAG_DIRECTUS_TOKEN, kept out of `ps`)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -187,7 +179,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--fast", dest="fast_decode", action="store_true", default=None, help="JPEG draft decoding")
     r.add_argument("--progress", action="store_true", help="Ray's progress bars on stderr")
     _model_flags(r)
-    _connection_flags(r)
+    add_directus_flags(r)
     r.set_defaults(func=cmd_run)
 
     s = bs.add_parser("status", help="shards planned / committed, items ok / failed with reasons, throughput")
@@ -213,5 +205,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = bs.add_parser("push", help="write the run's tags to Directus (directus sync's rules; idempotent)")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="count what would change, write nothing")
-    _connection_flags(p)
+    add_directus_flags(p)
     p.set_defaults(func=cmd_push)

@@ -29,9 +29,19 @@ MODEL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """The shared model flags (``only``: a subset of :data:`MODEL_FLAGS` by dest, for commands that
+    give the others another meaning)."""
     for dest, (flag, kwargs) in MODEL_FLAGS.items():
-        p.add_argument(flag, dest=dest, **{"default": None, **kwargs})
+        if only is None or dest in only:
+            p.add_argument(flag, dest=dest, **{"default": None, **kwargs})
+
+
+def add_directus_flags(p: argparse.ArgumentParser) -> None:
+    """Where Directus is, and its static token (better from the environment, out of `ps`)."""
+    p.add_argument("--directus-url", dest="directus_url", help="Directus base URL (env LOCALTAG_DIRECTUS_URL)")
+    p.add_argument("--token", dest="directus_token",
+                   help="Directus static token (better: env LOCALTAG_DIRECTUS_TOKEN, kept out of `ps`)")
 
 
 def add_output_flags(p: argparse.ArgumentParser) -> None:

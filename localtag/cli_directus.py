@@ -15,7 +15,7 @@ import re
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-from .cli_common import add_model_flags, progress, settings_from
+from .cli_common import add_directus_flags, add_model_flags, progress, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--directus-url", dest="directus_url", help="Directus base URL (env LOCALTAG_DIRECTUS_URL)")
-    p.add_argument("--token", dest="directus_token",
-                   help="Directus static token (better: env LOCALTAG_DIRECTUS_TOKEN, kept out of `ps`)")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from .config import Settings
 
@@ -138,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ds = d.add_subparsers(dest="directus_cmd", required=True)
 
     i = ds.add_parser("install-flow", help="create (or update in place) the flow that sends uploads to localtag")
-    _connection_flags(i)
+    add_directus_flags(i)
     i.add_argument("--localtag-url", required=True,
                    help="localtag's URL as Directus reaches it, e.g. http://127.0.0.1:8080 (the flow posts to "
                    "/directus/flow there)")
@@ -151,7 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_install_flow)
 
     u = ds.add_parser("uninstall-flow", help="delete the flow and its operations")
-    _connection_flags(u)
+    add_directus_flags(u)
     u.add_argument("--name", default=DEFAULT_FLOW_NAME)
     u.set_defaults(func=cmd_uninstall_flow)
 
@@ -162,7 +156,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       "creates. Stop it at any time: running it again continues. Prints a JSON summary on "
                       "stdout; exit status 0, 1 when a file failed, 2 when the run was stopped (token refused, "
                       "Directus unreachable), 130 on Ctrl-C.")
-    _connection_flags(s)
+    add_directus_flags(s)
     s.add_argument("--filter", help='a Directus filter (JSON) on directus_files, e.g. \'{"folder":{"_eq":"…"}}\'')
     s.add_argument("--retag", action="store_true", help="also re-tag files localtag tagged before, replacing "
                    "only localtag's own tags")

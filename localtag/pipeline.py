@@ -96,6 +96,7 @@ class Pipeline:
     """Embed jobs at the speed the encoder allows; see the module docstring.
 
     ``batch_size`` None: the encoder's (which measures it on CUDA when its setting is ≤ 0).
+    ``hash_inputs``: give every result its content sha256 even without a cache (batch runs store it).
     ``device_decode`` (default: CUDA and ``fast``) sends JPEG bytes to the device for decoding.
     """
 
@@ -109,8 +110,10 @@ class Pipeline:
         cache: EmbeddingCache | None = None,
         fetchers: int = 16,
         device_decode: bool | None = None,
+        hash_inputs: bool = False,
     ):
         self.encoder = encoder
+        self.hash_inputs = hash_inputs  # every result carries its content sha256, with or without a cache
         self._batch_size = batch_size
         self.workers = max(1, workers)
         self.fetchers = max(1, fetchers)
@@ -176,8 +179,9 @@ class Pipeline:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise ImageError(errors.FETCH_FAILED, f"the source gave {type(data).__name__}, not bytes")
             data = decode.read_source(data, self.max_bytes)
-            if self._use_cache:
+            if self._use_cache or self.hash_inputs:
                 digest = hashlib.sha256(data).hexdigest()
+            if self._use_cache:
                 hit = self._cache_call(self.cache.get, digest)
                 if hit is not None:
                     return Prepared(digest=digest, embedding=hit)

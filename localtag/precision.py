@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import autocast
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -201,9 +203,7 @@ def prepare_image_tower(model: torch.nn.Module, precision: str, device: torch.de
     if precision == "fp32":
         return ImageTower("fp32", visual, contextlib.nullcontext)
     if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        return ImageTower(precision, visual, lambda: torch.autocast(kind, dtype=dtype))
+        return ImageTower(precision, visual, lambda: autocast(device, precision))
     if device.type != "cpu":
         raise ValueError("precision 'int8' is a CPU path; use bf16 or fp16 on " + device.type)
     return ImageTower("int8", quantize_int8(visual), contextlib.nullcontext)
