@@ -63,7 +63,7 @@ def random_store(arch: str, seed: int = 0) -> Path:
     import open_clip
     import torch
 
-    from localtag.models import ModelStore
+    from localtag.core.models import ModelStore
 
     root = BENCH_DIR / "store"
     name = f"{arch}-random"
@@ -91,9 +91,9 @@ def coco_vocab() -> Path:
 
 
 def load_model(root: Path, name: str, vocab: Path, **settings):
-    """The tagger and image encoder (:func:`localtag.loader.load`), the text side built before timing."""
-    from localtag.config import Settings
-    from localtag.loader import load
+    """The tagger and image encoder (:func:`localtag.core.loader.load`), the text side built before timing."""
+    from localtag.core.config import Settings
+    from localtag.core.loader import load
 
     loaded = load(Settings(models_dir=root, model=name, vocab=vocab, device="auto", cache_dir=BENCH_DIR / "cache",
                            **settings))

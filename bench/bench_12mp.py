@@ -51,13 +51,13 @@ def main() -> None:
     from bench_throughput import score
     from PIL import Image, ImageOps
 
-    from localtag import decode as images
-    from localtag import precision as P
-    from localtag.cache import EmbeddingCache
-    from localtag.encoder import ImageEncoder
-    from localtag.models import preprocess_for
-    from localtag.pipeline import DRAFT_MARGIN, Job, Pipeline
-    from localtag.preprocess import short_side
+    from localtag.core import decode as images
+    from localtag.core import precision as P
+    from localtag.core.cache import EmbeddingCache
+    from localtag.core.encoder import ImageEncoder
+    from localtag.core.models import preprocess_for
+    from localtag.core.pipeline import DRAFT_MARGIN, Job, Pipeline
+    from localtag.core.preprocess import short_side
 
     cores = len(os.sched_getaffinity(0))
     root = C.random_store(args.arch)

@@ -47,7 +47,7 @@ def run_cli(args: list[str]) -> tuple[int, dict, float]:
 
 
 def steady(run_dir: Path) -> float:
-    from localtag.batch_store import RunStore
+    from localtag.batch.store import RunStore
 
     store = RunStore(run_dir)
     ms = list(store.committed(store.read_run()["shards"]))

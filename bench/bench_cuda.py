@@ -39,7 +39,7 @@ def fp16_store(arch: str, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from localtag.models import ModelStore
+    from localtag.core.models import ModelStore
 
     root = C.BENCH_DIR / "store16"
     name = f"{arch}-random"
@@ -106,7 +106,7 @@ def _sync(dev) -> None:
 def end_to_end(loaded, datas: list[bytes], bs: int, workers: int, device_decode: bool) -> dict:
     from bench_throughput import score
 
-    from localtag.pipeline import Job, Pipeline
+    from localtag.core.pipeline import Job, Pipeline
 
     tagger, encoder = loaded
     pipe = Pipeline(encoder, batch_size=bs, workers=workers, fast=device_decode, device_decode=device_decode)
@@ -122,8 +122,8 @@ def server(loaded, root: Path, name: str, datas: list[bytes], n_clients: int, bs
     import uvicorn
     from bench_server import clients
 
-    from localtag.config import Settings
-    from localtag.server import create_app
+    from localtag.core.config import Settings
+    from localtag.serve.server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

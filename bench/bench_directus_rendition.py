@@ -41,9 +41,9 @@ def proc_cpu(pid: int) -> float:
 def tiny_model():
     from conftest import TINY_CFG, make_random_checkpoint
 
-    from localtag.config import Settings
-    from localtag.loader import load
-    from localtag.models import ModelStore
+    from localtag.core.config import Settings
+    from localtag.core.loader import load
+    from localtag.core.models import ModelStore
 
     root = C.BENCH_DIR / "tiny-store"
     if not (root / "tiny-224" / "manifest.json").is_file():
@@ -74,8 +74,8 @@ def counting(client) -> list[int]:
 def main() -> None:
     from directus_harness import DirectusServer
 
-    from localtag.directus_client import DirectusClient
-    from localtag.directus_sync import SyncOptions, run_sync
+    from localtag.directus.client import DirectusClient
+    from localtag.directus.sync import SyncOptions, run_sync
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--coco", type=int, default=128)

@@ -29,7 +29,7 @@ def embed(encoder, files, draft, bs: int = 32):
     import numpy as np
     import torch
 
-    from localtag import decode
+    from localtag.core import decode
 
     def prep(f):
         img = decode.decode(f, draft=draft)

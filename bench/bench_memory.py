@@ -29,7 +29,7 @@ def tiny_store():
     import open_clip
     import torch
 
-    from localtag.models import ModelStore
+    from localtag.core.models import ModelStore
 
     root = C.BENCH_DIR / "store"
     if not (root / "tiny-random" / "manifest.json").is_file():
@@ -46,7 +46,7 @@ def tiny_store():
 def child(n: int, bs: int) -> None:
     import numpy as np
 
-    from localtag.pipeline import Job, Pipeline
+    from localtag.core.pipeline import Job, Pipeline
 
     tagger, encoder = C.load_model(tiny_store(), "tiny-random", C.coco_vocab())
     files = C.coco_files()

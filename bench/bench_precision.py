@@ -3,7 +3,7 @@
 Speed (``--arch``, random init, batch ``--batch``): every variant runs once per round, rounds
 interleaved, in one thread of its own; the table gives the median seconds per batch and the ratio
 fp32 time ÷ variant time (> 1: faster than fp32). Variants: ``fp32`` (open_clip's own tower),
-``bf16`` (CPU autocast), ``int8`` (:func:`localtag.precision.quantize_int8`, torch dynamic int8 on the
+``bf16`` (CPU autocast), ``int8`` (:func:`localtag.core.precision.quantize_int8`, torch dynamic int8 on the
 Linear layers), ``compile`` (``torch.compile`` of the fp32 tower, default mode), and ``ort-int8``
 (ONNX Runtime dynamic int8, QUInt8 weights; only with onnxruntime importable, for the choice between
 the two int8 paths).
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import _common as C
 
-from localtag.models import preprocess_for
-from localtag.preprocess import short_side
+from localtag.core.models import preprocess_for
+from localtag.core.preprocess import short_side
 
 
 def _ort_int8(visual, size: int):
@@ -67,7 +67,7 @@ def _ort_int8(visual, size: int):
 def towers(model, size: int, variants: list[str]) -> dict:
     import torch
 
-    from localtag import precision as P
+    from localtag.core import precision as P
 
     cpu = torch.device("cpu")
     out = {}
@@ -139,7 +139,7 @@ def agreement(tagger, ref, other, k: int = 5) -> dict:
 def coco_batches(tagger, bs: int = 16):
     import torch
 
-    from localtag import decode as images
+    from localtag.core import decode as images
 
     files = C.coco_files()
     xs = [preprocess_for(tagger.info)(images.decode(f)) for f in files]
@@ -190,7 +190,7 @@ def main() -> None:
 
     import torch
 
-    from localtag import precision as P
+    from localtag.core import precision as P
 
     report: dict = {"machine": C.machine(), "cpu_flags_bf16": P.native_bf16()}
     print(json.dumps(report["machine"]))

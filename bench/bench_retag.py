@@ -73,11 +73,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from localtag.cache import EmbeddingCache, cached_results
-    from localtag.config import Settings
-    from localtag.loader import load
-    from localtag.sinks import write_tags
-    from localtag.sources import walk
+    from localtag.core.cache import EmbeddingCache, cached_results
+    from localtag.core.config import Settings
+    from localtag.core.loader import load
+    from localtag.core.sources import walk
+    from localtag.core.writers import write_tags
 
     arch = C.DEFAULT_ARCH
     root = C.random_store(arch)

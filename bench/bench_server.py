@@ -3,7 +3,7 @@
 Target: the server reaches ≥ 0.8× the offline throughput. One run, one model object, the same images:
 
 - offline: ``Pipeline.run`` over the image files (``--batch-size``) + scoring + picking, as ``localtag tag``;
-- server: ``localtag.server.create_app(settings, loaded)`` under uvicorn on 127.0.0.1 (a thread of this
+- server: ``localtag.serve.server.create_app(settings, loaded)`` under uvicorn on 127.0.0.1 (a thread of this
   process); ``--clients`` asyncio clients (httpx) each POST one image at a time (base64, Clarifai's
   ``/v2/models/general-image-recognition/outputs``), back to back, until every image is done. The
   clients run in the same process (their JSON and base64 work is small next to the model's).
@@ -29,8 +29,8 @@ import _common as C
 def offline(loaded, files, bs: int) -> float:
     from bench_throughput import score
 
-    from localtag.pipeline import Pipeline
-    from localtag.sources import walk
+    from localtag.core.pipeline import Pipeline
+    from localtag.core.sources import walk
 
     with C.Timer() as t:
         n = score(loaded.tagger, Pipeline(loaded.encoder, batch_size=bs, workers=2).run(walk(files)))
@@ -76,8 +76,8 @@ def main() -> None:
 
     import uvicorn
 
-    from localtag.config import Settings
-    from localtag.server import create_app
+    from localtag.core.config import Settings
+    from localtag.serve.server import create_app
 
     root = C.random_store(args.arch)
     loaded = C.load_model(root, f"{args.arch}-random", C.coco_vocab())

@@ -78,8 +78,8 @@ def naive(encoder, files) -> dict:
 
 
 def end_to_end(loaded, files, bs: int, workers: int, fast: bool) -> dict:
-    from localtag.pipeline import Pipeline
-    from localtag.sources import walk
+    from localtag.core.pipeline import Pipeline
+    from localtag.core.sources import walk
 
     tagger, encoder = loaded
     pipe = Pipeline(encoder, batch_size=bs, workers=workers, fast=fast)
@@ -90,7 +90,7 @@ def end_to_end(loaded, files, bs: int, workers: int, fast: bool) -> dict:
 
 
 def run_arch(arch: str, sets: dict, bs: int, workers: int) -> list[dict]:
-    from localtag import decode
+    from localtag.core import decode
 
     root = C.random_store(arch)
     loaded = C.load_model(root, f"{arch}-random", C.coco_vocab(), batch_size=bs)

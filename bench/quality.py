@@ -51,7 +51,7 @@ def random_vit(store: Path) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from localtag.models import ModelStore
+    from localtag.core.models import ModelStore
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from localtag import cli
-from localtag.batch_store import RunStore
+from localtag.batch.store import RunStore
 
 
 def batch(capsys, *args: str) -> tuple[int, dict | str]:

@@ -43,7 +43,7 @@ def make_random_checkpoint(folder: Path, cfg: dict = TINY_CFG, seed: int = 0) ->
 @pytest.fixture(scope="session")
 def random_store(tmp_path_factory) -> Path:
     """A model store holding ``tiny-random``: a small random-init CLIP (no signal, real code paths)."""
-    from localtag.models import ModelStore
+    from localtag.core.models import ModelStore
 
     root = tmp_path_factory.mktemp("store")
     ckpt = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-random")
@@ -65,9 +65,9 @@ def fixture_model() -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_loaded(fixture_model, cache_dir):
-    """The fixture model's tagger and image encoder (:func:`localtag.loader.load`), on CPU."""
-    from localtag.config import Settings
-    from localtag.loader import load
+    """The fixture model's tagger and image encoder (:func:`localtag.core.loader.load`), on CPU."""
+    from localtag.core.config import Settings
+    from localtag.core.loader import load
 
     return load(Settings(model=str(fixture_model), cache_dir=cache_dir, device="cpu"))
 

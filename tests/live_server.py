@@ -1,6 +1,6 @@
 """Live servers for the server tests, all on 127.0.0.1 and stopped by their context managers.
 
-- :class:`LiveServer`: ``localtag.server.create_app`` on uvicorn in a background thread (REST, and
+- :class:`LiveServer`: ``localtag.serve.server.create_app`` on uvicorn in a background thread (REST, and
   gRPC when ``settings.grpc_port`` is set).
 - :class:`ImageServer`: a small HTTP server the fetcher can be pointed at: files, a 404, a stall,
   redirects (to anywhere, and a loop), a ``?access_token=`` check like Directus's ``/assets``.
@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import uvicorn
 
-from localtag.http_config import uvicorn_config
+from localtag.serve.http_config import uvicorn_config
 
 
 def free_port() -> int:
@@ -27,12 +27,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``serve``'s own uvicorn config (:func:`localtag.http_config.uvicorn_config`: limits, header timeout)
+    """``serve``'s own uvicorn config (:func:`localtag.serve.http_config.uvicorn_config`: limits, header timeout)
     on ``settings.host`` (127.0.0.1 unless a test says ::1) and a free port; logging is left to pytest
     (``log_config`` None) unless a test passes one."""
 
     def __init__(self, settings, loaded=None, log_config=None):
-        from localtag.server import create_app
+        from localtag.serve.server import create_app
 
         self.app = create_app(settings, loaded)
         self.port = free_port()

@@ -21,7 +21,7 @@ import pytest
 from batch_helpers import assert_complete_once, batch, committed_rows, http_server, model_args, tags_by_id
 
 from localtag import cli
-from localtag.batch_store import RunStore
+from localtag.batch.store import RunStore
 
 NEW_VOCAB = "cat\ndog\nship\ntruck\nhorse\nperson\n"
 

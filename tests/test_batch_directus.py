@@ -14,8 +14,8 @@ import uuid
 import pytest
 from batch_helpers import batch, committed_rows, model_args
 
-from localtag.directus_client import DirectusClient
-from localtag.tag_merge import PROVENANCE_FIELD
+from localtag.directus.client import DirectusClient
+from localtag.directus.tag_merge import PROVENANCE_FIELD
 
 pytestmark = pytest.mark.directus
 

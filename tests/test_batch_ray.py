@@ -20,7 +20,7 @@ import pytest
 from batch_helpers import assert_complete_once, batch, committed_rows, model_args
 
 from localtag import cli
-from localtag.batch_store import RunStore
+from localtag.batch.store import RunStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from localtag import cli
-from localtag.cache import FILENAME, CacheError, EmbeddingCache
-from localtag.encoder import ImageEncoder
+from localtag.core.cache import FILENAME, CacheError, EmbeddingCache
+from localtag.core.encoder import ImageEncoder
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
@@ -77,7 +77,7 @@ def test_a_corrupt_file_is_set_aside_and_a_new_cache_started(tmp_path):
 
 _WRITER = """
 import sys, hashlib, numpy as np
-from localtag.cache import EmbeddingCache
+from localtag.core.cache import EmbeddingCache
 c = EmbeddingCache(sys.argv[1], "a" * 64)
 start, batches, size = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 v = np.full(256, 0.5, dtype=np.float32)
@@ -218,8 +218,8 @@ def test_retag_reports_uncached_content_and_can_embed_it(library, random_store, 
 def test_fast_and_exact_decodes_never_share_entries(tmp_path):
     import numpy as np
 
-    from localtag.cache import open_embedding_cache
-    from localtag.config import Settings
+    from localtag.core.cache import open_embedding_cache
+    from localtag.core.config import Settings
 
     exact = open_embedding_cache(Settings(cache_dir=tmp_path), "ab" * 32)
     fast = open_embedding_cache(Settings(cache_dir=tmp_path, fast_decode=True), "ab" * 32)
@@ -230,8 +230,8 @@ def test_fast_and_exact_decodes_never_share_entries(tmp_path):
 def test_retag_fast_reads_and_fills_the_fast_entries(library, random_store, tmp_path, capsys, monkeypatch):
     """`tag --fast` then `retag --fast` gives the same tags from the cache; `retag --fast --embed-missing`
     stores draft-decoded embeddings under the fast key, never the exact one."""
-    from localtag.cache import EmbeddingCache, cache_key
-    from localtag.models import ModelStore
+    from localtag.core.cache import EmbeddingCache, cache_key
+    from localtag.core.models import ModelStore
 
     folder, old, new = library
     files = sorted(folder.iterdir())

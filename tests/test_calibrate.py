@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from conftest import CIFAR_CLASSES
 
-from localtag import calibrate as cal
 from localtag import cli
-from localtag import vocab as vocab_mod
-from localtag.config import Settings
-from localtag.evaluate import expected_calibration_error
-from localtag.loader import load
-from localtag.models import ModelStore
+from localtag.core import calibrate as cal
+from localtag.core import vocab as vocab_mod
+from localtag.core.config import Settings
+from localtag.core.evaluate import expected_calibration_error
+from localtag.core.loader import load
+from localtag.core.models import ModelStore
 
 
 def _sigmoid(x):

@@ -19,8 +19,8 @@ from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import decode
-from localtag.config import Settings
+from localtag.core import decode
+from localtag.core.config import Settings
 
 KEY = "clients-key-cdef"
 GENERAL = "general-image-recognition"

@@ -117,7 +117,7 @@ def test_device_selection(fixture_model, cifar_test, tmp_path, device, monkeypat
     """The device asked for is the one the image tower runs on, and the answer does not depend on it."""
     import torch
 
-    from localtag.encoder import ImageEncoder
+    from localtag.core.encoder import ImageEncoder
 
     seen = []
     real = ImageEncoder.forward

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from localtag import precision as P
-from localtag.autotune import best_batch_size
-from localtag.config import Settings
-from localtag.encoder import ImageEncoder
-from localtag.loader import load
-from localtag.models import preprocess_for
-from localtag.pipeline import Job, Pipeline
+from localtag.core import precision as P
+from localtag.core.autotune import best_batch_size
+from localtag.core.config import Settings
+from localtag.core.encoder import ImageEncoder
+from localtag.core.loader import load
+from localtag.core.models import preprocess_for
+from localtag.core.pipeline import Job, Pipeline
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run bench/device_check.sh)")]
@@ -58,8 +58,8 @@ def _cos(a, b):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_half_precision_matches_cpu_fp32(taggers, fixture_loaded, photos, precision):
     """The encoder on CUDA in bf16/fp16 against the CPU fp32 encoder: a random ViT and the trained ModifiedResNet."""
-    from localtag import decode
-    from localtag.models import build
+    from localtag.core import decode
+    from localtag.core.models import build
 
     for tagger, cpu in (taggers[0], fixture_loaded):
         images = [decode.decode(f) for f in photos]

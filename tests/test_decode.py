@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localtag import errors
-from localtag.decode import decode
-from localtag.errors import ImageError
+from localtag.core import errors
+from localtag.core.decode import decode
+from localtag.core.errors import ImageError
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:

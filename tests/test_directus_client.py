@@ -20,7 +20,7 @@ import pytest
 from conftest import COCO_DIR
 from PIL import Image
 
-from localtag.directus_client import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
+from localtag.directus.client import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
 from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus

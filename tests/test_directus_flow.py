@@ -19,10 +19,10 @@ from live_server import LiveServer
 from test_directus_sync import model_settings
 
 from localtag import cli
-from localtag.decode import decode
-from localtag.directus_client import FLOW_PATH, SECRET_HEADER, DirectusClient
-from localtag.loader import Loaded, load
-from localtag.tag_merge import PROVENANCE_FIELD
+from localtag.core.decode import decode
+from localtag.core.loader import Loaded, load
+from localtag.directus.client import FLOW_PATH, SECRET_HEADER, DirectusClient
+from localtag.directus.tag_merge import PROVENANCE_FIELD
 from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus

@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
-from localtag.config import Settings
-from localtag.directus_client import FAILED_FIELD, DirectusClient
-from localtag.directus_sync import FAILED_BEFORE, RETAGGED_BEFORE, SyncOptions, run_sync
-from localtag.loader import load
-from localtag.tag_merge import PROVENANCE_FIELD
+from localtag.core.config import Settings
+from localtag.core.loader import load
+from localtag.directus.client import FAILED_FIELD, DirectusClient
+from localtag.directus.sync import FAILED_BEFORE, RETAGGED_BEFORE, SyncOptions, run_sync
+from localtag.directus.tag_merge import PROVENANCE_FIELD
 from tests.test_directus_sync import corrupt_jpeg, model_settings, state
 
 pytestmark = pytest.mark.directus

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 
 from localtag import cli
-from localtag.config import Settings
-from localtag.decode import decode
-from localtag.directus_client import DirectusClient
-from localtag.directus_sync import FAILED_BEFORE, SyncOptions, run_sync
-from localtag.loader import load
-from localtag.tag_merge import PROVENANCE_FIELD
+from localtag.core.config import Settings
+from localtag.core.decode import decode
+from localtag.core.loader import load
+from localtag.directus.client import DirectusClient
+from localtag.directus.sync import FAILED_BEFORE, SyncOptions, run_sync
+from localtag.directus.tag_merge import PROVENANCE_FIELD
 
 pytestmark = pytest.mark.directus
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import CIFAR_CLASSES
 
 from localtag import cli
-from localtag import labels as labels_file
-from localtag import vocab as vocab_mod
-from localtag.evaluate import (
+from localtag.core import labels as labels_file
+from localtag.core import vocab as vocab_mod
+from localtag.core.evaluate import (
     average_precision,
     expected_calibration_error,
     label_matrix,

@@ -11,10 +11,10 @@ from urllib.parse import quote
 import pytest
 from live_server import ImageServer
 
-from localtag import errors
-from localtag.addresses import is_public
-from localtag.errors import ImageError
-from localtag.fetch import FetchPolicy, fetch, host_allowed, redact
+from localtag.core import errors
+from localtag.core.addresses import is_public
+from localtag.core.errors import ImageError
+from localtag.core.fetch import FetchPolicy, fetch, host_allowed, redact
 
 JPEG = b"\xff\xd8\xff\xe0" + b"jpeg-ish payload" * 10
 

@@ -11,9 +11,9 @@ from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import decode
-from localtag.config import Settings
-from localtag.loader import load
+from localtag.core import decode
+from localtag.core.config import Settings
+from localtag.core.loader import load
 
 KEY = "grpc-key-89ab"
 MD = (("authorization", f"Key {KEY}"),)

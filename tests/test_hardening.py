@@ -30,11 +30,12 @@ from live_server import ImageServer, LiveServer, free_port
 from PIL import Image
 from pydantic import SecretStr
 
-from localtag import cli, decode, memory
-from localtag.cli_serve import check_bind
-from localtag.config import Settings
-from localtag.loader import load
-from localtag.redact import redact_text, redact_url
+from localtag import cli
+from localtag.cli.serve import check_bind
+from localtag.core import decode, memory
+from localtag.core.config import Settings
+from localtag.core.loader import load
+from localtag.core.redact import redact_text, redact_url
 
 KEY = "hardening-key-0123"
 GENERAL = "/v2/models/general-image-recognition/outputs"

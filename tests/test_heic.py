@@ -7,10 +7,10 @@ import io
 import pytest
 from PIL import Image
 
-from localtag import decode as decode_mod
-from localtag import errors
-from localtag.decode import decode
-from localtag.errors import ImageError
+from localtag.core import decode as decode_mod
+from localtag.core import errors
+from localtag.core.decode import decode
+from localtag.core.errors import ImageError
 
 pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif is not installed (pip install 'localtag[heic]')")
 

@@ -17,7 +17,7 @@ import torch
 from cli_run import run_cli
 from conftest import COCO_DIR, TINY_CFG, make_random_checkpoint
 
-from localtag.models import ModelError, ModelStore, build
+from localtag.core.models import ModelError, ModelStore, build
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

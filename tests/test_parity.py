@@ -10,9 +10,9 @@ import torch
 from cli_run import run_cli
 from PIL import Image
 
-from localtag.config import Settings
-from localtag.loader import load
-from localtag.models import ModelStore
+from localtag.core.config import Settings
+from localtag.core.loader import load
+from localtag.core.models import ModelStore
 
 
 @pytest.fixture(scope="module", params=["ViT-B-32", "RN50"])
@@ -46,7 +46,7 @@ def test_image_and_text_embeddings_match_open_clip(arch_weights, coco_images, tm
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndog\n")
     tagger, encoder = load(Settings(models_dir=root, model=arch.lower(), device="cpu", cache_dir=tmp_path, vocab=vocab))
-    from localtag.decode import decode
+    from localtag.core.decode import decode
 
     ours_img = encoder.embed([decode(f) for f in files])
     ours_txt = tagger.encode_texts(texts).numpy()

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from localtag import decode, errors
-from localtag.cache import EmbeddingCache
-from localtag.config import Settings
-from localtag.device_decode import orient
-from localtag.encoder import ImageEncoder
-from localtag.loader import load
-from localtag.pipeline import Job, Pipeline
-from localtag.preprocess import Preprocess
-from localtag.sources import walk
+from localtag.core import decode, errors
+from localtag.core.cache import EmbeddingCache
+from localtag.core.config import Settings
+from localtag.core.device_decode import orient
+from localtag.core.encoder import ImageEncoder
+from localtag.core.loader import load
+from localtag.core.pipeline import Job, Pipeline
+from localtag.core.preprocess import Preprocess
+from localtag.core.sources import walk
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Image-tower precision (localtag.precision): exact fp32, int8 on a copy, auto that never slows a CPU."""
+"""Image-tower precision (localtag.core.precision): exact fp32, int8 on a copy, auto that never slows a CPU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import TINY_CFG
 
-from localtag import precision as P
-from localtag.config import Settings
+from localtag.core import precision as P
+from localtag.core.config import Settings
 
 CPU = torch.device("cpu")
 
@@ -117,8 +117,8 @@ def test_measure_reports_ratios_to_fp32(tiny_vit):
 
 def test_settings_and_flag(monkeypatch):
     from localtag.cli import build_parser
-    from localtag.cli_common import settings_from
-    from localtag.config import Settings
+    from localtag.cli.common import settings_from
+    from localtag.core.config import Settings
 
     assert Settings().precision == "auto"
     monkeypatch.setenv("LOCALTAG_PRECISION", "int8")
@@ -131,8 +131,8 @@ def test_settings_and_flag(monkeypatch):
 
 def test_the_encoder_runs_the_precision_it_was_given(random_store, tmp_path, coco_images):
     """`--precision int8` reaches the image encoder: quantised Linear layers, close to fp32, not equal."""
-    from localtag import decode
-    from localtag.loader import load
+    from localtag.core import decode
+    from localtag.core.loader import load
 
     (tmp_path / "v.txt").write_text("cat\ndog\n")
     kw = dict(models_dir=random_store, model="tiny-random", vocab=tmp_path / "v.txt", cache_dir=tmp_path, device="cpu")

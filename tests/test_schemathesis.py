@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from live_server import LiveServer
 
-from localtag.config import Settings
-from localtag.loader import load
+from localtag.core.config import Settings
+from localtag.core.loader import load
 
 EXAMPLES = {"POST": 15, "GET": 6}  # per operation and mode; ~30 operations
 

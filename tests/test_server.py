@@ -21,11 +21,11 @@ from conftest import tag_images
 from live_server import ImageServer, LiveServer
 from pydantic import SecretStr
 
-from localtag import clarifai, decode, errors
-from localtag.cli_serve import check_bind
-from localtag.config import Settings
-from localtag.loader import load
-from localtag.vocab import concept_id
+from localtag.cli.serve import check_bind
+from localtag.core import clarifai, decode, errors
+from localtag.core.config import Settings
+from localtag.core.loader import load
+from localtag.core.vocab import concept_id
 
 KEY = "good-key-0123"
 FILE_KEY = "key-from-file-4567"

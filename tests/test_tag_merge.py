@@ -1,11 +1,17 @@
-"""The pure tag-merge rules (localtag.tag_merge): a person's tags are never removed or claimed."""
+"""The pure tag-merge rules (localtag.directus.tag_merge): a person's tags are never removed or claimed."""
 
 from __future__ import annotations
 
 import pytest
 
-from localtag.tag import Tag
-from localtag.tag_merge import PROVENANCE_VERSION, TagsFieldError, machine_tags, plan_tags, provenance_stamp
+from localtag.core.tag import Tag
+from localtag.directus.tag_merge import (
+    PROVENANCE_VERSION,
+    TagsFieldError,
+    machine_tags,
+    plan_tags,
+    provenance_stamp,
+)
 
 STAMP = {"model": "m", "model_sha256": "a" * 64, "vocab_sha256": "b" * 64, "run": "r1", "tagged_at": "t"}
 

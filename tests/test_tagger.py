@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from localtag import vocab as vocab_mod
-from localtag.config import Settings
-from localtag.decode import decode
-from localtag.loader import Loaded, load
-from localtag.tagger import Tagger
+from localtag.core import vocab as vocab_mod
+from localtag.core.config import Settings
+from localtag.core.decode import decode
+from localtag.core.loader import Loaded, load
+from localtag.core.tagger import Tagger
 
 
 def _loaded(store, cache, text: str, **kw) -> Loaded:

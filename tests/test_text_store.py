@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import make_random_checkpoint
 
-from localtag import text_store
-from localtag import vocab as vocab_mod
-from localtag.loader import precompute_text
-from localtag.models import ModelStore
-from localtag.tagger import Tagger
+from localtag.core import text_store
+from localtag.core import vocab as vocab_mod
+from localtag.core.loader import precompute_text
+from localtag.core.models import ModelStore
+from localtag.core.tagger import Tagger
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def test_tampered_file_is_refused_and_reported(model_with_vocab, caplog):
 def test_cli_import_stores_the_model_vocab_with_a_bar(tmp_path, monkeypatch):
     """`models import` encodes the shipped vocab.txt and the model's own; here the shipped one is swapped
     for a small file to keep the test short (REPO_ROOT points at a copy of the repository layout)."""
-    import localtag.config as config
+    import localtag.core.config as config
 
     ckpt = make_random_checkpoint(tmp_path / "ckpt" / "tiny-cli", seed=4)
     (ckpt / "vocab.txt").write_text("cat\ndog\n")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from localtag import vocab
-from localtag.vocab import VocabError
+from localtag.core import vocab
+from localtag.core.vocab import VocabError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from localtag import cli
-from localtag import vocab as vocab_mod
-from localtag.models import ModelStore
-from localtag.tagger import Tagger
-from localtag.vocab import VocabError
+from localtag.core import vocab as vocab_mod
+from localtag.core.models import ModelStore
+from localtag.core.tagger import Tagger
+from localtag.core.vocab import VocabError
 
 STRUCTURED = """\
 # a small structured vocabulary
@@ -41,8 +41,8 @@ def tagger(random_info, cache_dir):
 
 @pytest.fixture(scope="module")
 def encoder(tagger):
-    from localtag.encoder import ImageEncoder
-    from localtag.models import preprocess_for
+    from localtag.core.encoder import ImageEncoder
+    from localtag.core.models import preprocess_for
 
     return ImageEncoder(tagger.model, preprocess_for(tagger.info), image_size=tagger.info.preprocess["size"])
 

@@ -20,7 +20,7 @@ Without ``--vocab`` the labels are COCO's own category names (``localtag vocab b
 into a vocabulary).
 
 CSV format: ``path,labels``, paths relative to the folder given to ``localtag eval``, labels separated
-by ``;`` (see ``localtag.evaluate``).
+by ``;`` (see ``localtag.core.evaluate``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def coco_mapping(names: list[str], vocab_path: str | None, extra: list[str]) -> 
     """COCO category name -> concept name of the vocabulary (None: not in it)."""
     if not vocab_path:
         return {n: n for n in names}
-    from localtag import vocab as vocab_mod
+    from localtag.core import vocab as vocab_mod
 
     v = vocab_mod.load(vocab_path)
     explicit = {}

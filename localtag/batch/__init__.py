@@ -1,0 +1,1 @@
+"""localtag.batch: see docs/architecture.md."""

@@ -1,0 +1,250 @@
+"""Batch sources: what a ``batch run SOURCE...`` names, as a stream of items, and each item's bytes.
+
+A SOURCE is one of:
+
+- a folder or an image file (walked as ``localtag tag`` walks them: sorted, image suffixes);
+- a list file: ``.txt`` (one path or URL a line, ``#`` comments), ``.csv`` (the ``uri``, ``url`` or
+  ``path`` column, else the first), ``.parquet`` (a ``uri``, ``url`` or ``path`` column). Relative
+  paths are relative to the list file;
+- a WebDataset ``.tar`` shard: each image member is an item, read by offset, never unpacked;
+- ``s3://bucket/prefix`` (or any pyarrow filesystem URI such as ``gs://``): the objects under the
+  prefix with an image suffix. The endpoint and keys come from the usual ``AWS_*`` variables
+  (``AWS_ENDPOINT_URL`` for an S3-compatible server);
+- ``directus://`` (optionally ``directus://?filter=<JSON filter on directus_files>``): the images of
+  the Directus at ``--directus-url`` / ``LOCALTAG_DIRECTUS_URL``.
+
+An item is ``{"id", "uri", "offset", "length"}``. ``uri`` is a path, an http(s) URL (fetched through
+the server's guarded fetcher, so private addresses are refused), ``s3://…``, ``tar-path#member`` or
+``directus://files/<id>``. Items stream: planning 10 M items never holds them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from . import core
+
+URI_COLUMNS = ("uri", "url", "path")
+DIRECTUS_PREFIX = "directus://files/"
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".heic", ".avif"}
+
+
+class SourceError(ValueError):
+    """A SOURCE argument that cannot be read at all (the run does not start)."""
+
+
+def _item(uri: str, offset: int | None = None, length: int | None = None, id: str | None = None) -> dict:
+    return {"id": id or uri, "uri": uri, "offset": offset, "length": length}
+
+
+def _is_remote(s: str) -> bool:
+    return "://" in s
+
+
+def normalize(source: str) -> str:
+    """The SOURCE as the plan records it (an absolute path for local ones)."""
+    return source if _is_remote(source) else str(Path(source).resolve())
+
+
+def iter_items(sources: list[str], settings: Any) -> Iterator[dict]:
+    """Every item of every source, in order."""
+    for s in sources:
+        if s.startswith("directus:"):
+            yield from _directus(s, settings)
+        elif _is_remote(s):
+            yield from _object_store(s)
+        else:
+            p = Path(s)
+            if not p.exists():
+                raise SourceError(f"{s}: no such file or folder")
+            suffix = p.suffix.lower()
+            if p.is_dir() or suffix in _IMAGE_SUFFIXES:
+                for f in core.walk([p]):
+                    yield _item(str(f.resolve()))
+            elif suffix == ".tar":
+                yield from _tar(p)
+            elif suffix in (".txt", ".lst"):
+                yield from _lines(p)
+            elif suffix == ".csv":
+                yield from _csv(p)
+            elif suffix == ".parquet":
+                yield from _parquet(p)
+            else:
+                raise SourceError(f"{s}: not a folder, an image, a .txt/.csv/.parquet list or a .tar shard")
+
+
+def _entry(value: str, base: Path) -> dict | None:
+    value = value.strip()
+    if not value or value.startswith("#"):
+        return None
+    if _is_remote(value):
+        return _item(value)
+    p = Path(value)
+    return _item(str(p if p.is_absolute() else (base / p)))
+
+
+def _lines(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if (it := _entry(line, path.parent)) is not None:
+                yield it
+
+
+def _csv(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip().lower() for h in header]
+        col = next((names.index(c) for c in URI_COLUMNS if c in names), None)
+        if col is None:  # no header: the first column, first row included
+            col = 0
+            if (it := _entry(header[0], path.parent)) is not None:
+                yield it
+        for row in reader:
+            if len(row) > col and (it := _entry(row[col], path.parent)) is not None:
+                yield it
+
+
+def _parquet(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    col = next((c for c in URI_COLUMNS if c in names), None)
+    if col is None:
+        raise SourceError(f"{path}: no {'/'.join(URI_COLUMNS)} column (it has {names[:8]})")
+    for batch in pf.iter_batches(columns=[col], batch_size=8192):
+        for value in batch.column(0).to_pylist():
+            if value and (it := _entry(str(value), path.parent)) is not None:
+                yield it
+
+
+def _tar(path: Path) -> Iterator[dict]:
+    """WebDataset: members with an image suffix, addressed by their data offset (read without unpacking)."""
+    path = path.resolve()
+    with tarfile.open(path, "r:") as tar:  # plain tar only: an offset into a compressed one means nothing
+        for m in tar:
+            if m.isfile() and Path(m.name).suffix.lower() in _IMAGE_SUFFIXES:
+                yield _item(f"{path}#{m.name}", m.offset_data, m.size)
+
+
+def _object_store(uri: str) -> Iterator[dict]:
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+        raise SourceError(f"{core.redact(uri)}: {e}") from None
+    scheme = urlsplit(uri).scheme
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        yield _item(uri)
+        return
+    selector = pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=False)
+    try:
+        infos = filesystem.get_file_info(selector)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"{core.redact(uri)}: {e}") from None
+    for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        if Path(fi.path).suffix.lower() in _IMAGE_SUFFIXES:
+            yield _item(f"{scheme}://{fi.path}")
+
+
+def _directus(source: str, settings: Any) -> Iterator[dict]:
+    query = parse_qs(urlsplit(source).query)
+    filt = None
+    if "filter" in query:
+        try:
+            filt = json.loads(query["filter"][0])
+        except ValueError as e:
+            raise SourceError(f"directus source: the filter is not JSON: {e}") from None
+    with _directus_client(settings) as client:
+        for file_id in core.directus_files(client, filt):
+            yield _item(DIRECTUS_PREFIX + file_id, id=file_id)
+
+
+def _directus_client(settings: Any) -> Any:
+    if not settings.directus_url:
+        raise SourceError("a directus:// source needs --directus-url or LOCALTAG_DIRECTUS_URL")
+    if settings.directus_token is None:
+        raise SourceError("a directus:// source needs --token or LOCALTAG_DIRECTUS_TOKEN")
+    return core.directus_client(settings.directus_url, settings.directus_token.get_secret_value())
+
+
+class Opener:
+    """Item → the pipeline's job source: a path (read by a decode worker) or a callable giving the bytes
+    (run in the pipeline's fetch threads). One per worker; connections are made on first use."""
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self._fetch_url: Callable[[str], bytes] | None = None
+        self._directus: Any = None
+        self._filesystems: dict[str, Any] = {}
+
+    def source(self, item: dict) -> Any:
+        uri = item["uri"]
+        if uri.startswith(DIRECTUS_PREFIX):
+            return lambda: self._read_directus(uri[len(DIRECTUS_PREFIX):])
+        if uri.startswith(("http://", "https://")):
+            if self._fetch_url is None:
+                self._fetch_url = core.url_fetcher(self.settings)
+            fetch = self._fetch_url
+            return lambda: fetch(uri)
+        if _is_remote(uri):
+            return lambda: self._read_object(uri)
+        if item.get("offset") is not None:
+            return lambda: self._read_member(uri, int(item["offset"]), int(item["length"]))
+        return uri
+
+    def _read_member(self, uri: str, offset: int, length: int) -> bytes:
+        path = uri.rsplit("#", 1)[0]
+        kinds = core.error_kinds()
+        if length > self.settings.max_bytes:
+            raise core.image_error("too_many_bytes", f"{uri}: {length} bytes is over the limit")
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as e:
+            raise core.image_error(kinds.not_found, f"{path}: {e.strerror}") from None
+        if len(data) != length:
+            raise core.image_error(kinds.fetch_failed, f"{uri}: the tar ends inside the member")
+        return data
+
+    def _read_object(self, uri: str) -> bytes:
+        from pyarrow import fs as pafs
+
+        kinds = core.error_kinds()
+        scheme = urlsplit(uri).scheme
+        try:
+            if scheme not in self._filesystems:
+                self._filesystems[scheme] = pafs.FileSystem.from_uri(uri)[0]
+            filesystem = self._filesystems[scheme]
+            path = uri.split("://", 1)[1]
+            with filesystem.open_input_stream(path) as f:
+                data = f.read(self.settings.max_bytes + 1)
+        except FileNotFoundError:
+            raise core.image_error(kinds.not_found, f"{core.redact(uri)}: no such object") from None
+        except Exception as e:  # noqa: BLE001 - pyarrow's own errors
+            raise core.image_error(kinds.fetch_failed, f"{core.redact(uri)}: {type(e).__name__}: {e}") from None
+        if len(data) > self.settings.max_bytes:
+            raise core.image_error("too_many_bytes", f"{core.redact(uri)}: over the byte limit")
+        return data
+
+    def _read_directus(self, file_id: str) -> bytes:
+        if self._directus is None:
+            self._directus = _directus_client(self.settings)
+        try:
+            return core.directus_download(self._directus, file_id, self.settings.max_bytes)
+        except Exception as e:  # noqa: BLE001 - one file's failure is its own error row
+            kinds = core.error_kinds()
+            kind = kinds.not_found if getattr(e, "status", None) in (403, 404) else kinds.fetch_failed
+            raise core.image_error(kind, f"directus file {file_id}: {e}") from None

@@ -1,0 +1,1 @@
+"""localtag.core: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""localtag.directus: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""localtag.serve: see docs/architecture.md."""

@@ -1,0 +1,104 @@
+"""Clarifai's gRPC ``V2`` service on the classes ``clarifai-grpc`` ships, over the same :class:`Service`.
+
+Implemented: ``PostModelOutputs``, ``GetModel``, ``GetModelType``, ``ListModelTypes``,
+``GetModelOutputInfo`` and ``ListModelConcepts``. As on Clarifai's servers, errors travel in
+``response.status``; the gRPC status stays OK. The servicer runs on the REST server's event loop
+(``grpc.aio``), so both share the models, the batcher and the admission queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from clarifai_grpc.grpc.api import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from pydantic import ValidationError
+
+from ..core import clarifai
+from .service import DataIn, ImageIn, PredictRequest, Service, describe_errors
+
+log = logging.getLogger(__name__)
+
+
+def _to_proto(body: dict, message_type):
+    return json_format.ParseDict(body, message_type(), ignore_unknown_fields=True)
+
+
+def predict_request(request: service_pb2.PostModelOutputsRequest):
+    """The request as the REST model, image bytes passed through as bytes (no base64 round trip)."""
+    raw = [inp.data.image.base64 for inp in request.inputs]
+    light = service_pb2.PostModelOutputsRequest()
+    light.CopyFrom(request)
+    for inp in light.inputs:
+        inp.data.image.ClearField("base64")
+    body = json_format.MessageToDict(light, preserving_proto_field_name=True)
+    req = PredictRequest.model_validate(body)
+    for inp, data in zip(req.inputs, raw, strict=True):
+        if data:
+            if inp.data is None or inp.data.image is None:
+                inp.data = inp.data or DataIn()
+                inp.data.image = inp.data.image or ImageIn()
+            inp.data.image.base64 = data  # bytes: Service skips base64 decoding
+    return req
+
+
+class V2Servicer(service_pb2_grpc.V2Servicer):
+    def __init__(self, service: Service):
+        self.service = service
+
+    def _denied(self, context: grpc.aio.ServicerContext) -> dict | None:
+        header = next((v for k, v in context.invocation_metadata() or () if k.lower() == "authorization"), None)
+        err = self.service.check_auth(header if isinstance(header, str) else None)
+        return err[1] if err else None
+
+    async def PostModelOutputs(self, request, context):  # noqa: N802 - gRPC method names
+        if (denied := self._denied(context)) is not None:
+            return _to_proto(denied, service_pb2.MultiOutputResponse)
+        try:
+            req = predict_request(request)
+        except ValidationError as e:
+            body = clarifai.error_response(clarifai.CONN_INVALID_REQUEST, describe_errors(e.errors()))
+            return _to_proto(body, service_pb2.MultiOutputResponse)
+        _, body = await self.service.predict(req, request.model_id or None)
+        return _to_proto(body, service_pb2.MultiOutputResponse)
+
+    async def GetModel(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.get_model(request.model_id)[1]
+        return _to_proto(body, service_pb2.SingleModelResponse)
+
+    async def GetModelOutputInfo(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.get_output_info(request.model_id)[1]
+        return _to_proto(body, service_pb2.SingleModelResponse)
+
+    async def ListModelConcepts(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.list_concepts(request.model_id, request.page,
+                                                                    request.per_page)[1]
+        return _to_proto(body, service_pb2.MultiConceptResponse)
+
+    async def GetModelType(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.get_model_type(request.model_type_id)[1]
+        return _to_proto(body, service_pb2.SingleModelTypeResponse)
+
+    async def ListModelTypes(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.list_model_types()[1]
+        return _to_proto(body, service_pb2.MultiModelTypeResponse)
+
+
+async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server on the running loop; returns it and the bound port (``port=0``: a free one)."""
+    limit = service.settings.max_request_bytes
+    server = grpc.aio.server(
+        # the generated base class answers UNIMPLEMENTED for the other methods from this small pool
+        migration_thread_pool=ThreadPoolExecutor(1, thread_name_prefix="localtag-grpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    service_pb2_grpc.add_V2Servicer_to_server(V2Servicer(service), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"cannot bind gRPC to {address}")
+    await server.start()
+    log.info("gRPC on %s:%d", host, bound)
+    return server, bound

@@ -1,0 +1,486 @@
+"""The REST app of ``localtag serve``: a drop-in Clarifai endpoint, Filestack's route, operations.
+
+The work is :class:`localtag.serve.service.Service`'s; gRPC is :mod:`localtag.serve.grpc_service`, the Directus flow
+endpoint :mod:`localtag.directus.flow`. Routes: every Clarifai predict form (double slashes
+collapsed), model info / output_info / concepts / model types, ``/filestack/tags``, ``/healthz``,
+``/readyz``, ``/metrics``, ``/docs``. Past ``max_queue`` images the server answers 503 with
+``Retry-After`` and a Clarifai-shaped body, so memory stays flat.
+
+The app's lifespan owns the models (Immich's habit): it loads them (:func:`localtag.core.loader.load`),
+warms the text side, starts the batchers and, with ``grpc_port`` set, the gRPC server; it stops them
+all at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from ..core import clarifai
+from ..core.config import Settings
+from ..core.errors import ImageError
+from ..core.limits import TooLarge, cap_stream, read_capped_async
+from ..core.loader import Loaded
+from ..directus import flow as directus_flow
+from .service import (
+    Metrics,
+    Overloaded,
+    PredictRequest,
+    Service,
+    StatusError,
+    build_entries,
+    describe_errors,
+    load_keys,
+    parse_json,
+    parse_predict,
+)
+
+log = logging.getLogger(__name__)
+
+PREDICT_PATHS = (
+    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}/outputs",
+    "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/outputs",
+    "/v2/models/{model_id}/versions/{version_id}/outputs",
+    "/v2/models/{model_id}/outputs",
+    "/v2/users/{user_id}/deployments/{deployment_id}/outputs",
+)
+MODEL_TYPE_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types/{model_type_id}", "/v2/models/types/{model_type_id}")
+MODEL_TYPES_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types", "/v2/models/types")
+MODEL_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/{model_id}", "/v2/models/{model_id}",
+               "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}",
+               "/v2/models/{model_id}/versions/{version_id}")
+OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
+CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
+
+
+#: a Filestack body holds one image: its byte cap plus room for the multipart envelope
+FORM_OVERHEAD = 1_000_000
+#: status recorded for a client that went away mid-request (nginx's convention); nothing is sent
+CLIENT_CLOSED = 499
+
+
+# -- responses ---------------------------------------------------------------------------------------
+class SafeJSON(JSONResponse):
+    """JSON as UTF-8; text that cannot be UTF-8 (a lone surrogate a client sent, e.g. ``"\\ud800"``)
+    is written as ``\\u`` escapes instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return SafeJSON(body, status_code=status, headers=headers)
+
+
+def _answer(result: tuple[int, dict]) -> JSONResponse:
+    status, body = result
+    return _json(status, body, {"Retry-After": "1"} if status == 503 else None)
+
+
+class PathAndMetricsMiddleware:
+    """ASGI middleware: collapses double slashes before routing, and records request metrics."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if "//" in scope["path"]:
+            scope = dict(scope)
+            scope["path"] = re.sub("/{2,}", "/", scope["path"])
+            scope["raw_path"] = scope["path"].encode()
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# -- request helpers ---------------------------------------------------------------------------------
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _authorized(request: Request) -> JSONResponse | None:
+    err = _service(request).check_auth(request.headers.get("authorization"))
+    return _answer(err) if err else None
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``body_timeout``."""
+
+
+class Disconnected(Exception):
+    """The client went away before its body was read."""
+
+
+async def body_chunks(request: Request, svc: Service):
+    """The body's chunks, within ``body_timeout`` in all; raises :class:`BodyTimeout`, :class:`Disconnected`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + svc.settings.body_timeout
+    chunks = request.stream().__aiter__()
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise BodyTimeout
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), left)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyTimeout from None
+        except ClientDisconnect:
+            raise Disconnected from None
+        yield chunk
+
+
+async def read_body(request: Request, svc: Service, cap: int | None = None) -> bytes:
+    """The body; raises :class:`TooLarge` past ``cap`` (default ``max_request_bytes``) without reading
+    the rest, :class:`BodyTimeout`, :class:`Disconnected`, or :class:`Overloaded` past ``max_body_readers``."""
+    with svc.body_slot():
+        return await read_capped_async(body_chunks(request, svc), cap or svc.settings.max_request_bytes,
+                                       request.headers.get("content-length"))
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return _json(413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, f"the request body is over {cap} bytes"),
+                 {"Connection": "close"})
+
+
+def _body_failed(e: Exception, svc: Service, filestack: bool = False) -> Response:
+    """The answer when a body could not be read: too large, too slow, the client gone, too many readers."""
+    if isinstance(e, Disconnected):
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(e, Overloaded):
+        status, body = svc.overloaded_response()
+        body = {"error": body["status"]["details"]} if filestack else body
+        return _json(503, body, {"Retry-After": "1"})
+    if isinstance(e, BodyTimeout):
+        svc.metrics.timeouts.inc()
+        msg = f"the request body did not arrive within {svc.settings.body_timeout:g} s"
+        body = {"error": msg} if filestack else clarifai.error_response(clarifai.CONN_INVALID_REQUEST, msg)
+        return _json(408, body, {"Connection": "close"})
+    assert isinstance(e, TooLarge)
+    if filestack:
+        return _json(413, {"error": f"the request body is over {e.cap} bytes"}, {"Connection": "close"})
+    return _too_large(e.cap)
+
+
+async def _read_predict(request: Request, svc: Service) -> PredictRequest | Response:
+    try:
+        raw = await read_body(request, svc)
+    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+        return _body_failed(e, svc)
+    try:  # a large body is parsed off the event loop
+        return await asyncio.to_thread(parse_predict, raw) if len(raw) > 256_000 else parse_predict(raw)
+    except StatusError as e:
+        return _json(400, clarifai.error_response(e.code, e.details))
+
+
+def _int_param(request: Request, name: str, default: int) -> int | None:
+    v = request.query_params.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+# -- Clarifai routes ---------------------------------------------------------------------------------
+async def predict(request: Request):
+    svc = _service(request)
+    if (denied := _authorized(request)) is not None:
+        return denied
+    if svc.busy(1):
+        return _answer(svc.overloaded_response())
+    req = await _read_predict(request, svc)
+    if isinstance(req, Response):
+        return req
+    p = request.path_params  # the deployment form names its model in the body, else by the deployment id
+    model_id = p.get("model_id") or req.model_id or (req.model.id if req.model else None) or p.get("deployment_id")
+    return _answer(await svc.predict(req, model_id))
+
+
+async def get_model(request: Request):
+    return _authorized(request) or _answer(_service(request).get_model(request.path_params["model_id"]))
+
+
+async def get_output_info(request: Request):
+    return _authorized(request) or _answer(_service(request).get_output_info(request.path_params["model_id"]))
+
+
+async def list_concepts(request: Request):
+    if (denied := _authorized(request)) is not None:
+        return denied
+    page, per_page = _int_param(request, "page", 1), _int_param(request, "per_page", 128)
+    if page is None or per_page is None:
+        return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, "page and per_page are integers"))
+    return _answer(_service(request).list_concepts(request.path_params["model_id"], page, per_page))
+
+
+async def get_model_type(request: Request):
+    return _authorized(request) or _answer(_service(request).get_model_type(request.path_params["model_type_id"]))
+
+
+async def list_model_types(request: Request):
+    return _authorized(request) or _answer(_service(request).list_model_types())
+
+
+# -- Filestack ---------------------------------------------------------------------------------------
+async def _filestack_input(request: Request, svc: Service) -> tuple[str | None, bytes | None] | Response:
+    """The image of a Filestack request: ``(url, None)`` or ``(None, bytes)``, or the error answer.
+
+    The body is streamed under a cap of ``max_bytes`` plus the form's envelope: a chunked upload is
+    stopped at the cap, never spooled in full."""
+    settings = svc.settings
+    url, data = request.query_params.get("url"), None
+    if request.method != "POST" or url is not None:
+        return url, None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    cap = min(settings.max_request_bytes, settings.max_bytes + FORM_OVERHEAD)
+    try:
+        with svc.body_slot():
+            if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                stream = cap_stream(body_chunks(request, svc), cap, request.headers.get("content-length"))
+                if ctype == "multipart/form-data":
+                    parser: Any = MultiPartParser(request.headers, stream, max_files=1, max_fields=20)
+                else:
+                    parser = FormParser(request.headers, stream)
+                form = await parser.parse()
+                try:
+                    for value in form.values():
+                        if not isinstance(value, str):  # an UploadFile
+                            data = await value.read(settings.max_bytes + 1)
+                    url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
+                finally:
+                    await form.close()
+            else:
+                body = await read_capped_async(body_chunks(request, svc), cap, request.headers.get("content-length"))
+                if ctype == "application/json":
+                    raw = parse_json(body)
+                    url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
+                else:
+                    data = body
+    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+        return _body_failed(e, svc, filestack=True)
+    except StatusError as e:
+        return _json(400, {"error": e.details, "code": e.code})
+    except (ValueError, UnicodeDecodeError, MultiPartException) as e:
+        return _json(400, {"error": f"malformed request: {e}"})
+    except StarletteHTTPException as e:
+        return _json(400, {"error": str(e.detail)})
+    return url, data
+
+
+async def filestack_tags(request: Request):
+    """Filestack's image-tagging shape for an upload (multipart, or a raw image body) or a URL."""
+    svc = _service(request)
+    settings = svc.settings
+    if (denied := _authorized(request)) is not None:
+        return denied
+    if svc.busy(1):
+        status, body = svc.overloaded_response()
+        return _json(503, {"error": body["status"]["details"]}, {"Retry-After": "1"})
+    got = await _filestack_input(request, svc)
+    if isinstance(got, Response):
+        return got
+    url, data = got
+    if not url and not data:
+        return _json(400, {"error": "send an image (multipart file or raw body) or a url"})
+    if data is not None and len(data) > settings.max_bytes:
+        return _json(413, {"error": f"the image is over {settings.max_bytes} bytes"})
+    entry = svc.default
+    try:
+        with svc.admitted(1):
+            values = await svc.image_values(entry, url=url, data=data)
+    except Overloaded:
+        return _json(503, {"error": "the request queue is full; retry later"}, {"Retry-After": "1"})
+    except (ImageError, StatusError) as e:
+        svc.metrics.images.labels("error").inc()
+        status = clarifai.image_error_status(e) if isinstance(e, ImageError) else {"code": e.code}
+        return _json(400, {"error": str(e), "code": status["code"]})
+    svc.metrics.images.labels("ok").inc()
+    tags = entry.tagger.pick(values, max_concepts=settings.max_concepts, min_value=settings.min_value)
+    return {"tags": {"auto": {t.name: int(round(t.value * 100)) for t in tags}, "user": None}}
+
+
+# -- operations --------------------------------------------------------------------------------------
+async def healthz():
+    return {"status": "ok"}
+
+
+async def readyz(request: Request):
+    svc = request.app.state.service
+    if svc is None or not svc.ready:
+        return _json(503, {"status": "starting"})
+    # queue: images admitted (bounded by max_queue); waiting: decoded, waiting for the model;
+    # reading: request bodies still arriving (not work yet)
+    return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load, "waiting": svc.waiting,
+            "reading": svc.reading}
+
+
+async def metrics_route(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- errors in Clarifai's shape ----------------------------------------------------------------------
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = clarifai.CONN_DOES_NOT_EXIST if exc.status_code == 404 else clarifai.CONN_INVALID_REQUEST
+    return _json(exc.status_code, clarifai.error_response(code, str(exc.detail)), exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, describe_errors(exc.errors())))
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return _json(500, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE))
+
+
+# -- the app -----------------------------------------------------------------------------------------
+def _path_params(path: str) -> list[dict]:
+    return [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in re.findall(r"{(\w+)}", path)]
+
+
+def _query(name: str, kind: str = "string") -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+
+
+def _clarifai_routes(app: FastAPI) -> None:
+    predict_body = {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}
+    response_doc = {"200": {"description": "Clarifai MultiOutputResponse"}}
+    routes: list[tuple[str, str, Any, dict]] = []
+    routes += [("POST", p, predict, {"requestBody": predict_body}) for p in PREDICT_PATHS]
+    routes += [("GET", p, get_model_type, {}) for p in MODEL_TYPE_PATHS]
+    routes += [("GET", p, list_model_types, {}) for p in MODEL_TYPES_PATHS]
+    routes += [("GET", p, get_output_info, {}) for p in OUTPUT_INFO_PATHS]
+    routes += [("GET", p, list_concepts, {"parameters": [_query("page", "integer"), _query("per_page", "integer")]})
+               for p in CONCEPTS_PATHS]
+    routes += [("GET", p, get_model, {}) for p in MODEL_PATHS]
+    for method, path, fn, extra in routes:
+        op_id = fn.__name__ + "_" + re.sub(r"\W+", "_", path.strip("/"))
+        openapi = {"parameters": _path_params(path) + extra.pop("parameters", []), **extra}
+        app.add_api_route(path, fn, methods=[method], operation_id=op_id, openapi_extra=openapi,
+                          responses=response_doc, tags=["clarifai"])
+
+
+def _filestack_routes(app: FastAPI) -> None:
+    doc = {
+        "parameters": [_query("url")],
+        "requestBody": {"required": False, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "url": {"type": "string"}}}},
+            "application/json": {"schema": {"type": "object", "properties": {"url": {"type": "string"}}}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    }
+    responses = {"200": {"description": 'Filestack tags: {"tags": {"auto": {name: 0-100}, "user": null}}'}}
+    app.add_api_route("/filestack/tags", filestack_tags, methods=["POST"], operation_id="filestack_tags_post",
+                      openapi_extra=doc, responses=responses, tags=["filestack"])
+    app.add_api_route("/filestack/tags", filestack_tags, methods=["GET"], operation_id="filestack_tags_get",
+                      openapi_extra={"parameters": [_query("url")]}, responses=responses, tags=["filestack"])
+
+
+def _openapi(app: FastAPI):
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            defs = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components["PredictRequest"] = defs
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return schema
+
+
+def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metrics: Metrics):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        entries = await asyncio.to_thread(build_entries, settings, loaded, metrics.batch_size.observe)
+        unique = {id(e): e for e in entries.values()}.values()
+        for e in unique:
+            await asyncio.to_thread(lambda e=e: e.tagger.text_embeddings)  # warm the text side once
+            e.batcher.start()
+        service = Service(settings, entries, keys, metrics)
+        app.state.service = service
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from .grpc_service import start_grpc
+
+            grpc_server, app.state.grpc_port = await start_grpc(service, settings.host, settings.grpc_port)
+        service.ready = True
+        log.info("serving %s on %d model(s)%s", ", ".join(sorted(entries)), len(unique),
+                 "" if keys else " without API keys (any key is accepted)")
+        try:
+            yield
+        finally:
+            service.ready = False
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+            for e in unique:
+                await e.batcher.stop()
+            service.decoder.shutdown()
+
+    return lifespan
+
+
+def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
+    """The REST app (and, with ``settings.grpc_port`` set, the gRPC server in its lifespan).
+
+    ``loaded``: an already loaded default model (tests); else the lifespan loads ``settings.model``.
+    """
+    metrics = Metrics()
+    keys = load_keys(settings)
+    app = FastAPI(title="localtag", version="0.1.0", lifespan=_lifespan(settings, loaded, keys, metrics),
+                  default_response_class=SafeJSON,
+                  description="Offline image tagging with a Clarifai-compatible API.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.directus_flow = None
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    _clarifai_routes(app)
+    _filestack_routes(app)
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["ops"])
+    app.add_api_route("/metrics", metrics_route, methods=["GET"], tags=["ops"])
+    app.include_router(directus_flow.router)
+    app.openapi = _openapi(app)
+    app.add_middleware(PathAndMetricsMiddleware, metrics=metrics)
+    return app
