@@ -76,6 +76,7 @@ def main() -> None:
     from localtag.core.cache import EmbeddingCache, cached_results
     from localtag.core.config import Settings
     from localtag.core.loader import load
+    from localtag.core.scorer import Picking
     from localtag.core.sources import walk
     from localtag.core.writers import write_tags
 
@@ -103,7 +104,7 @@ def main() -> None:
         rng = np.random.default_rng(1)
         t = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((len(tagger.vocab), dim))).float(), dim=-1)
         n = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal(dim)).float(), dim=0)
-        tagger.build_text = lambda: (t, n)
+        tagger.text.build = lambda: (t, n)
         tagger.text_embeddings  # noqa: B018
     del tagger
 
@@ -122,7 +123,7 @@ def main() -> None:
         assert all(r.ok for r in results), [r.error.message for r in results if not r.ok][:3]
         phases[f"look up {len(jobs)} files (stat + SQLite)"] = t.s
         with C.Timer() as t, open(os.devnull, "w") as null:
-            written = write_tags(tagger, results, fmt="jsonl", max_concepts=settings.max_concepts, out=null)
+            written = write_tags(tagger, results, fmt="jsonl", picking=Picking(settings.max_concepts), out=null)
         assert written.failed == 0 and written.total == len(results)
         phases["score + pick 20 + write JSONL"] = t.s
     phases["total in process"] = total.s

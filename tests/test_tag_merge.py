@@ -81,6 +81,6 @@ def test_plan_twice_is_the_plan_once():
 
 
 def test_provenance_stamp_names_model_vocab_and_run(fixture_tagger):
-    stamp = provenance_stamp(fixture_tagger, "run-1")
+    stamp = provenance_stamp(fixture_tagger.info.name, fixture_tagger.info.sha256, fixture_tagger.vocab.sha256, "run-1")
     assert stamp["model"] == fixture_tagger.info.name and stamp["model_sha256"] == fixture_tagger.info.sha256
     assert stamp["vocab_sha256"] == fixture_tagger.vocab.sha256 and stamp["run"] == "run-1"

@@ -1,23 +1,33 @@
 """What is done with a run directory after (or while) it runs: status, export, rescore, push.
 
-None of these loads an image model or fetches an image. ``rescore`` loads the tagger for its text side
-only (the prompts of the new vocabulary) and scores the stored embeddings on CPU.
+None of these loads an image model or fetches an image. ``rescore`` builds the scorer alone
+(:func:`localtag.core.loader.load_scorer`: stored text embeddings, the text tower only for a new
+vocabulary) and runs the stored embeddings through the run loop on CPU.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import IO, Any
 
 import numpy as np
 
-from . import core
+from ..core import errors
+from ..core.clarifai import model_json
+from ..core.errors import ImageError
+from ..core.loader import IMAGE_KEYS, fingerprint, load_scorer
+from ..core.pipeline import Job, Result
+from ..core.run import Scored
+from ..core.run import run as run_loop
+from ..core.scorer import Picking
+from ..core.tag import Tag
+from ..core.writers import LineWriter
+from ..directus.client import ensure_provenance_field, write_plan
+from ..directus.tag_merge import PROVENANCE_FIELD, TagsFieldError, plan_tags, provenance_stamp
 from .store import RunError, RunStore
 from .worker import concepts_of, shard_stats
 
@@ -109,32 +119,37 @@ def export(store: RunStore, fmt: str, out: IO[str] | None, path: Path | None = N
         return n
     assert out is not None
     fp = run["fingerprint"]
-    model = core.clarifai_model(fp["model"], fp["model_sha256"])
-    n = failed = 0
-    if fmt == "clarifai":
-        out.write('{"outputs": [')
+    writer = LineWriter(model_json(fp["model"], fp["model_sha256"][:32], name=fp["model"], app_id="localtag",
+                                   user_id="localtag"), "json" if fmt == "clarifai" else "jsonl", out)
+    n = 0
     for r in rows(store, ["id", "uri", "status", "error_kind", "error", "concepts"]):
-        tags = [SimpleNamespace(**c) for c in r["concepts"] or ()]
-        error = (r["error_kind"], r["error"]) if r["status"] != "ok" else None
-        failed += error is not None
-        o = core.clarifai_output(r["id"], _url(r["uri"]), model, tags, error)
-        if fmt == "jsonl":
-            out.write(json.dumps(o) + "\n")
+        job = Job(r["id"], None, {"url": _url(r["uri"])})
+        if r["status"] == "ok":
+            item = Scored(Result(job), [Tag(c["id"], c["name"], float(c["value"])) for c in r["concepts"] or ()])
         else:
-            out.write(("," if n else "") + "\n  " + json.dumps(o))
+            item = Scored(Result(job, error=ImageError(r["error_kind"] or errors.CORRUPT, r["error"] or "")))
+        writer.write([item])
         n += 1
-    if fmt == "clarifai":
-        out.write('\n], "status": ' + json.dumps(core.clarifai_status(n, failed)) + "}\n")
+    writer.close()
     return n
+
+
+class _Concepts:
+    """The run loop's writer for ``rescore``: each stored row's new concepts, in order."""
+
+    def __init__(self) -> None:
+        self.concepts: list[Any] = []
+
+    def write(self, batch: list[Scored]) -> None:
+        self.concepts.extend(concepts_of(s.tags) for s in batch)
 
 
 def rescore(store: RunStore, settings: Any, out: RunStore) -> dict[str, Any]:
     """Tags from the stored embeddings with the vocabulary / scoring / thresholds of ``settings``, into
     run dir ``out`` (resumable like a run). The image side of the fingerprint must be the same."""
     run = store.read_run()
-    tagger = core.load_tagger(settings)
-    fp = core.fingerprint(tagger, settings)
-    diff = [k for k in core.IMAGE_KEYS if fp.get(k) != run["fingerprint"].get(k)]
+    fp = fingerprint(settings)
+    diff = [k for k in IMAGE_KEYS if fp.get(k) != run["fingerprint"].get(k)]
     if diff:
         raise RunError(f"rescore needs the run's own image model and preprocessing (differs in {', '.join(diff)})")
     if out.root.resolve() == store.root.resolve():
@@ -149,6 +164,8 @@ def rescore(store: RunStore, settings: Any, out: RunStore) -> dict[str, Any]:
         new = {**run, "fingerprint": fp, "run_id": core_run_id(), "planned_at": time.time(),
                "rescored_from": {"run_dir": str(store.root.resolve()), "run_id": run["run_id"]}}
         out.write_run(new)
+    _, scorer = load_scorer(settings)
+    picking = Picking(settings.max_concepts, settings.min_value)
     done = 0
     for m in store.committed(run["shards"]):
         if out.is_committed(m["shard"]):
@@ -160,9 +177,11 @@ def rescore(store: RunStore, settings: Any, out: RunStore) -> dict[str, Any]:
         if ok.any():
             emb = table.filter(ok).column("embedding").combine_chunks()
             matrix = emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), -1)
-            vals = core.values(tagger, matrix)
-            for k, i in enumerate(np.flatnonzero(ok)):
-                concepts[i] = concepts_of(core.pick(tagger, vals[k], settings))
+            found = _Concepts()
+            run_loop([Result(Job(str(i), None), embedding=e) for i, e in zip(np.flatnonzero(ok), matrix, strict=True)],
+                found, scorer=scorer, picking=picking)
+            for i, c in zip(np.flatnonzero(ok), found.concepts, strict=True):
+                concepts[i] = c
         idx = table.schema.get_field_index("concepts")
         import pyarrow as pa
 
@@ -186,10 +205,10 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
 
     run = store.read_run()
     fp = run["fingerprint"]
-    stamp = core.provenance_stamp(fp["model"], fp["model_sha256"], fp["vocab_sha256"], run["run_id"])
-    field = core.provenance_field()
+    stamp = provenance_stamp(fp["model"], fp["model_sha256"], fp["vocab_sha256"], run["run_id"])
+    field = PROVENANCE_FIELD
     if not dry_run:
-        core.ensure_provenance_field(client)
+        ensure_provenance_field(client, create=True)
     counts = {"written": 0, "unchanged": 0, "failed_items": 0, "not_directus": 0, "missing": 0, "tags_not_a_list": 0}
     page: list[dict] = []
 
@@ -200,10 +219,10 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
             if row is None:
                 counts["missing"] += 1
                 continue
-            new = [core.tag(c) for c in r["concepts"] or ()]
+            new = [Tag(c["id"], c["name"], float(c["value"])) for c in r["concepts"] or ()]
             try:
-                plan = core.plan_tags(row.get("tags"), row.get(field), new, stamp)
-            except core.tags_field_error() as e:
+                plan = plan_tags(row.get("tags"), row.get(field), new, stamp)
+            except TagsFieldError as e:
                 log.warning("directus file %s skipped: %s", r["id"], e)
                 counts["tags_not_a_list"] += 1
                 continue
@@ -215,7 +234,7 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
                 counts["unchanged"] += 1
                 continue
             if not dry_run:
-                core.write_plan(client, r["id"], plan)
+                write_plan(client, r["id"], plan)
             counts["written"] += 1
         page.clear()
 

@@ -29,11 +29,10 @@ RAY_RANGE = ">=2.60,<2.64"
 
 class _RayShardWorker:
     def __init__(self, run_dir: str, settings: Any, threads: int | None):
-        from . import core
-        from .worker import ShardWorker
+        from .worker import ShardWorker, default_threads
 
         # Ray starts workers with OMP_NUM_THREADS=1; the local engine's default, unless told
-        self.worker = ShardWorker(run_dir, settings, threads or core.default_threads())
+        self.worker = ShardWorker(run_dir, settings, threads or default_threads())
         self.worker.announce(engine="ray", node_id=ray.get_runtime_context().get_node_id())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

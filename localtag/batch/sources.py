@@ -28,7 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import core
+from ..core import errors
+from ..core.errors import ImageError
+from ..core.fetch import redact
+from ..core.sources import walk
+from ..directus.client import DirectusClient
 
 URI_COLUMNS = ("uri", "url", "path")
 DIRECTUS_PREFIX = "directus://files/"
@@ -65,8 +69,8 @@ def iter_items(sources: list[str], settings: Any) -> Iterator[dict]:
                 raise SourceError(f"{s}: no such file or folder")
             suffix = p.suffix.lower()
             if p.is_dir() or suffix in _IMAGE_SUFFIXES:
-                for f in core.walk([p]):
-                    yield _item(str(f.resolve()))
+                for job in walk([p]):  # an entry that cannot be read fails when it is read
+                    yield _item(str(Path(job.key).resolve()))
             elif suffix == ".tar":
                 yield from _tar(p)
             elif suffix in (".txt", ".lst"):
@@ -142,7 +146,7 @@ def _object_store(uri: str) -> Iterator[dict]:
     try:
         filesystem, root = pafs.FileSystem.from_uri(uri)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
-        raise SourceError(f"{core.redact(uri)}: {e}") from None
+        raise SourceError(f"{redact(uri)}: {e}") from None
     scheme = urlsplit(uri).scheme
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.File:
@@ -152,7 +156,7 @@ def _object_store(uri: str) -> Iterator[dict]:
     try:
         infos = filesystem.get_file_info(selector)
     except Exception as e:  # noqa: BLE001
-        raise SourceError(f"{core.redact(uri)}: {e}") from None
+        raise SourceError(f"{redact(uri)}: {e}") from None
     for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         if Path(fi.path).suffix.lower() in _IMAGE_SUFFIXES:
             yield _item(f"{scheme}://{fi.path}")
@@ -167,7 +171,7 @@ def _directus(source: str, settings: Any) -> Iterator[dict]:
         except ValueError as e:
             raise SourceError(f"directus source: the filter is not JSON: {e}") from None
     with _directus_client(settings) as client:
-        for file_id in core.directus_files(client, filt):
+        for file_id in (row["id"] for row in client.iter_files(filt, 100, ["id"])):
             yield _item(DIRECTUS_PREFIX + file_id, id=file_id)
 
 
@@ -176,7 +180,7 @@ def _directus_client(settings: Any) -> Any:
         raise SourceError("a directus:// source needs --directus-url or LOCALTAG_DIRECTUS_URL")
     if settings.directus_token is None:
         raise SourceError("a directus:// source needs --token or LOCALTAG_DIRECTUS_TOKEN")
-    return core.directus_client(settings.directus_url, settings.directus_token.get_secret_value())
+    return DirectusClient(settings.directus_url, settings.directus_token.get_secret_value())
 
 
 class Opener:
@@ -195,7 +199,7 @@ class Opener:
             return lambda: self._read_directus(uri[len(DIRECTUS_PREFIX):])
         if uri.startswith(("http://", "https://")):
             if self._fetch_url is None:
-                self._fetch_url = core.url_fetcher(self.settings)
+                self._fetch_url = url_fetcher(self.settings)
             fetch = self._fetch_url
             return lambda: fetch(uri)
         if _is_remote(uri):
@@ -206,23 +210,21 @@ class Opener:
 
     def _read_member(self, uri: str, offset: int, length: int) -> bytes:
         path = uri.rsplit("#", 1)[0]
-        kinds = core.error_kinds()
         if length > self.settings.max_bytes:
-            raise core.image_error("too_many_bytes", f"{uri}: {length} bytes is over the limit")
+            raise ImageError("too_many_bytes", f"{uri}: {length} bytes is over the limit")
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(length)
         except OSError as e:
-            raise core.image_error(kinds.not_found, f"{path}: {e.strerror}") from None
+            raise ImageError(errors.NOT_FOUND, f"{path}: {e.strerror}") from None
         if len(data) != length:
-            raise core.image_error(kinds.fetch_failed, f"{uri}: the tar ends inside the member")
+            raise ImageError(errors.FETCH_FAILED, f"{uri}: the tar ends inside the member")
         return data
 
     def _read_object(self, uri: str) -> bytes:
         from pyarrow import fs as pafs
 
-        kinds = core.error_kinds()
         scheme = urlsplit(uri).scheme
         try:
             if scheme not in self._filesystems:
@@ -232,19 +234,28 @@ class Opener:
             with filesystem.open_input_stream(path) as f:
                 data = f.read(self.settings.max_bytes + 1)
         except FileNotFoundError:
-            raise core.image_error(kinds.not_found, f"{core.redact(uri)}: no such object") from None
+            raise ImageError(errors.NOT_FOUND, f"{redact(uri)}: no such object") from None
         except Exception as e:  # noqa: BLE001 - pyarrow's own errors
-            raise core.image_error(kinds.fetch_failed, f"{core.redact(uri)}: {type(e).__name__}: {e}") from None
+            raise ImageError(errors.FETCH_FAILED, f"{redact(uri)}: {type(e).__name__}: {e}") from None
         if len(data) > self.settings.max_bytes:
-            raise core.image_error("too_many_bytes", f"{core.redact(uri)}: over the byte limit")
+            raise ImageError("too_many_bytes", f"{redact(uri)}: over the byte limit")
         return data
 
     def _read_directus(self, file_id: str) -> bytes:
         if self._directus is None:
             self._directus = _directus_client(self.settings)
         try:
-            return core.directus_download(self._directus, file_id, self.settings.max_bytes)
+            return self._directus.download(file_id, max_bytes=self.settings.max_bytes)
         except Exception as e:  # noqa: BLE001 - one file's failure is its own error row
-            kinds = core.error_kinds()
-            kind = kinds.not_found if getattr(e, "status", None) in (403, 404) else kinds.fetch_failed
-            raise core.image_error(kind, f"directus file {file_id}: {e}") from None
+            kind = errors.NOT_FOUND if getattr(e, "status", None) in (403, 404) else errors.FETCH_FAILED
+            raise ImageError(kind, f"directus file {file_id}: {e}") from None
+
+
+def url_fetcher(settings: Any) -> Callable[[str], bytes]:
+    """``url → bytes`` through the server's guarded fetcher (public addresses only, caps, timeouts)."""
+    import asyncio
+
+    from ..core.fetch import FetchPolicy, fetch
+
+    policy = FetchPolicy.from_settings(settings)
+    return lambda url: asyncio.run(fetch(url, policy))  # in a pipeline fetch thread: its own event loop

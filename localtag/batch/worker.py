@@ -1,8 +1,9 @@
 """One batch worker: a shard number in, a committed shard out. Both engines run exactly this.
 
 The local engine makes one :class:`ShardWorker` in the driver; the Ray engine makes one per actor.
-A worker loads the tagger once, embeds a shard's items through the core pipeline
-(:func:`localtag.batch.core.embed`), scores them, and commits the shard (:meth:`RunStore.commit`).
+A worker loads the model once and runs each shard through the core's run loop
+(:func:`localtag.core.run.run`: pipeline → scorer → :class:`ShardTable`, its writer), then commits the
+shard (:meth:`RunStore.commit`).
 A bad item (missing, corrupt, refused URL, 404) is an error row; only a broken run dir raises.
 """
 
@@ -18,7 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import core
+from ..core.loader import fingerprint, load
+from ..core.pipeline import Job, Pipeline
+from ..core.run import Scored, run
+from ..core.scorer import Picking
 from .sources import Opener
 from .store import RunStore, result_schema
 
@@ -27,19 +31,26 @@ def concepts_of(tags: list[Any]) -> list[dict[str, Any]]:
     return [{"id": t.id, "name": t.name, "value": float(t.value)} for t in tags]
 
 
-def build_table(items: list[dict], results: list[Any], tagger: Any, settings: Any, dim: int) -> pa.Table:
-    """Result rows for a shard's items (``results`` in the same order)."""
-    ok = [i for i, r in enumerate(results) if r.ok]
-    vals = core.values(tagger, np.stack([results[i].embedding for i in ok])) if ok else None
+class ShardTable:
+    """The run loop's writer for one shard: its scored items as result rows."""
+
+    def __init__(self) -> None:
+        self.scored: list[Scored] = []
+
+    def write(self, batch: list[Scored]) -> None:
+        self.scored.extend(batch)
+
+
+def build_table(items: list[dict], scored: list[Scored], dim: int) -> pa.Table:
+    """Result rows for a shard's items (``scored`` in the same order)."""
     rows = []
-    k = 0
-    for item, r in zip(items, results, strict=True):
+    for item, s in zip(items, scored, strict=True):
+        r = s.result
         row = {"index": item["index"], "id": item["id"], "uri": item["uri"], "sha256": r.digest,
                "status": "ok", "error_kind": None, "error": None, "concepts": None, "embedding": None}
         if r.ok:
-            row["concepts"] = concepts_of(core.pick(tagger, vals[k], settings))
+            row["concepts"] = concepts_of(s.tags)
             row["embedding"] = np.asarray(r.embedding, dtype=np.float32)
-            k += 1
         else:
             row.update(status="error", error_kind=r.error.kind, error=r.error.message)
         rows.append(row)
@@ -56,6 +67,19 @@ def build_table(items: list[dict], results: list[Any], tagger: Any, settings: An
     return table.append_column(schema.field("embedding"), embeddings)
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads of this worker process's model. Float sums depend on how a batch is split over
+    threads, so workers that should give bit-identical answers must use the same number."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def default_threads() -> int:
+    """What torch picks in a plain process here (Ray's workers are started with OMP_NUM_THREADS=1)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def shard_stats(table: pa.Table, seconds: float) -> dict[str, Any]:
     status = table.column("status").to_pylist()
     kinds: dict[str, int] = {}
@@ -69,15 +93,17 @@ def shard_stats(table: pa.Table, seconds: float) -> dict[str, Any]:
 class ShardWorker:
     def __init__(self, run_dir: str | Path, settings: Any, threads: int | None = None):
         if threads:
-            core.set_threads(threads)
+            set_threads(threads)
         self.store = RunStore(run_dir)
         self.settings = settings
-        self.tagger, encoder = core.load(settings)
         run = self.store.read_run()
-        self.store.check(core.fingerprint(self.tagger, settings))  # a node with another model refuses
+        self.store.check(fingerprint(settings))  # a node with another model refuses, before loading it
+        self.tagger, encoder = load(settings)
         self.run_id = run["run_id"]
-        self.dim = core.embedding_dim(self.tagger)
-        self.pipeline = core.make_pipeline(encoder, settings)
+        self.dim = int(self.tagger.info.model_cfg["embed_dim"])
+        # every input hashed (the sha256 each row carries); no embedding cache: the run's Parquet is one
+        self.pipeline = Pipeline.from_settings(encoder, settings, hash_inputs=True)
+        self.picking = Picking(settings.max_concepts, settings.min_value)
         self.opener = Opener(settings)
         self.who = {"pid": os.getpid(), "host": socket.gethostname()}
 
@@ -94,9 +120,10 @@ class ShardWorker:
             return {**done, "committed": False}
         t0 = time.perf_counter()
         items = self.store.read_plan_shard(shard)
-        jobs = [core.job(str(it["index"]), self.opener.source(it)) for it in items]
-        results = list(core.embed(self.pipeline, jobs))
-        table = build_table(items, results, self.tagger, self.settings, self.dim)
+        jobs = [Job(str(it["index"]), self.opener.source(it)) for it in items]
+        rows = ShardTable()
+        run(self.pipeline.run(jobs), rows, scorer=self.tagger.scorer, picking=self.picking)
+        table = build_table(items, rows.scored, self.dim)
         stats = {**shard_stats(table, time.perf_counter() - t0), **self.who, "run_id": self.run_id}
         committed = self.store.commit(shard, table, stats)
         return {**(self.store.marker(shard) or stats), "committed": committed}

@@ -30,6 +30,7 @@ COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localtag", description="Offline image tagging with CLIP.")
+    p.add_argument("--version", action="version", version=f"localtag {_version()}")
     p.add_argument("--log-level", default=os.environ.get("LOCALTAG_LOG_LEVEL", "INFO"))
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
@@ -37,8 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("localtag")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the hub libraries stay offline for everything but `models pull` (models.online), from here on
+    os.environ.update({v: "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")})
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..core.errors import ImageError

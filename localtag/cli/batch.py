@@ -41,9 +41,9 @@ def _store(path: Path) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args.out)
-    from ..batch import core
     from ..batch import ops as batch_ops
     from ..batch.plan import plan
+    from ..core.loader import fingerprint
 
     settings = _settings(args)
     if args.engine == "ray":
@@ -53,11 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             if (e.name or "").split(".")[0] == "ray":
                 raise ValueError(MISSING_RAY) from None
             raise
-    tagger = core.load_tagger(settings)  # the driver's own: for the fingerprint (the text side is cached)
-    fingerprint = core.fingerprint(tagger, settings)
-    del tagger
+    fp = fingerprint(settings)  # from the manifest, vocabulary and calibration: the driver loads no model
     t0 = time.monotonic()
-    run = plan(store, args.sources, settings, fingerprint, args.shard_size)
+    run = plan(store, args.sources, settings, fp, args.shard_size)
     removed = store.clean()
     log.info("%s: %d items in %d shards (%d of them committed before)%s", store.root, run["items"], run["shards"],
              sum(1 for _ in store.committed(run["shards"])), f"; removed {removed} stale files" if removed else "")
@@ -126,8 +124,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     store = _store(args.run_dir)
-    from ..batch import core
     from ..batch import ops as batch_ops
+    from ..directus.client import DirectusClient
 
     settings = _settings(args)
     if not settings.directus_url:
@@ -135,7 +133,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     if settings.directus_token is None:
         raise ValueError("give --token or set LOCALTAG_DIRECTUS_TOKEN (a Directus static token)")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request, URLs with no secrets, still noise
-    client = core.directus_client(settings.directus_url, settings.directus_token.get_secret_value())
+    client = DirectusClient(settings.directus_url, settings.directus_token.get_secret_value())
     with client:
         counts = batch_ops.push(store, client, dry_run=args.dry_run)
     print(json.dumps(counts))

@@ -18,14 +18,14 @@ MODEL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "vocab": ("--vocab", {"type": Path, "help": "vocabulary file (default: the model's own, else vocab.txt)"}),
     "device": ("--device", {"help": "auto, cpu, cuda, cuda:N (env LOCALTAG_DEVICE)"}),
     "precision": ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16", "int8"],
-                                  "help": "image tower precision (env LOCALTAG_PRECISION; see README)"}),
+                                  "help": "image tower precision (env LOCALTAG_PRECISION; see docs/speed.md)"}),
     "cache_dir": ("--cache-dir", {"type": Path, "help": "cache folder (env LOCALTAG_CACHE_DIR)"}),
-    "scoring": ("--scoring", {"choices": ["binary", "softmax", "sigmoid"], "help": "value mapping (see README)"}),
+    "scoring": ("--scoring", {"choices": ["binary", "softmax", "sigmoid"], "help": "value mapping (see docs/tagging.md)"}),
     "batch_size": ("--batch-size", {"type": int, "help": "images per model batch (env LOCALTAG_BATCH_SIZE)"}),
     "workers": ("--workers", {"type": int, "help": "decode threads (env LOCALTAG_WORKERS)"}),
     "max_pixels": ("--max-pixels", {"type": int, "help": "refuse larger images (default 85 MP)"}),
     "fast_decode": ("--fast", {"action": "store_true", "default": None,
-                               "help": "JPEG draft-mode decoding at reduced scale (see README)"}),
+                               "help": "JPEG draft-mode decoding at reduced scale (see docs/speed.md)"}),
 }
 
 

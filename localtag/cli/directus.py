@@ -165,7 +165,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--concurrency", type=int, default=8, help="downloads at once (default 8)")
     s.add_argument("--rendition", type=int, metavar="PIXELS",
                    help="download Directus's JPEG rendition with this short side instead of the original "
-                   "(e.g. 448; see README for when it pays)")
+                   "(e.g. 448; see docs/directus.md for when it pays)")
     s.add_argument("--run", metavar="ID", help="the run id; give an interrupted --retag run's id (its summary "
                    "prints it) to resume it: files that run retagged are skipped without a download")
     s.add_argument("--retry-failed", dest="retry_failed", action="store_true",

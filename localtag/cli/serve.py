@@ -19,10 +19,13 @@ def check_bind(settings) -> None:
 
 
 def check_models(settings) -> None:
-    """Every extra model id's model is in the store (the default one is loaded before serving)."""
+    """The default model is in the store with its weights intact, and every extra model id's model is
+    there: a missing or corrupt model is one line and exit 2, before anything binds. The server's
+    lifespan then loads them (and owns them until shutdown)."""
     from ..core.models import ModelStore
 
     store = ModelStore(settings.models_dir)
+    store.verify(store.resolve(settings.model), stamp_dir=settings.cache_dir)
     for model, _vocab in settings.model_ids.values():
         store.resolve(model)
 
@@ -30,15 +33,13 @@ def check_models(settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..core.loader import load
     from ..serve.http_config import uvicorn_config
     from ..serve.server import create_app
 
     settings = settings_from(args)
     check_bind(settings)
     check_models(settings)
-    # the model is loaded here, not in the app's startup: a missing or corrupt model is one line, exit 2
-    app = create_app(settings, load(settings))
+    app = create_app(settings)  # its lifespan loads the models, serves, and drains them on shutdown
     server = uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level))
     server.run()
     if not server.started:  # e.g. the port is taken: uvicorn has logged why

@@ -18,11 +18,13 @@ def _format(args: argparse.Namespace) -> str:
 
 def _write(args: argparse.Namespace, settings, tagger, results, total: int, desc: str, chunk: int) -> int:
     """Write scored results; exit status 1 when any input failed (or there were none)."""
+    from ..core.scorer import Picking
     from ..core.writers import write_tags
 
-    select = tagger.select_indices(args.select) if args.select else None
-    n = write_tags(tagger, progress(results, total, args.progress, desc), fmt=_format(args),
-                   max_concepts=settings.max_concepts, min_value=settings.min_value, select=select, chunk=chunk)
+    select = tagger.scorer.select_indices(args.select) if args.select else None
+    picking = Picking(settings.max_concepts, settings.min_value, select)
+    n = write_tags(tagger, progress(results, total, args.progress, desc), fmt=_format(args), picking=picking,
+                   chunk=chunk)
     if n.failed:
         log.error("%d of %d inputs failed", n.failed, n.total)
     return 1 if n.failed or not n.total else 0

@@ -140,14 +140,16 @@ def output_json(
     return out
 
 
+def batch_code(total: int, failed: int) -> int:
+    """Clarifai's rule for a response's own status: Ok, Failure when every input failed, else Mixed."""
+    if not total or not failed:
+        return SUCCESS
+    return FAILURE if failed == total else MIXED_STATUS
+
+
 def overall_status(outputs: Iterable[dict[str, Any]], req_id: str | None = None) -> dict[str, Any]:
     codes = [o["status"]["code"] for o in outputs]
-    failed = sum(c != SUCCESS for c in codes)
-    if not codes or failed == 0:
-        return status(SUCCESS, req_id=req_id)
-    if failed == len(codes):
-        return status(FAILURE, req_id=req_id)
-    return status(MIXED_STATUS, req_id=req_id)
+    return status(batch_code(len(codes), sum(c != SUCCESS for c in codes)), req_id=req_id)
 
 
 def response(outputs: list[dict[str, Any]], req_id: str | None = None) -> dict[str, Any]:

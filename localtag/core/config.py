@@ -70,14 +70,14 @@ class Settings(BaseSettings):
     batch_window_ms: float = 5.0
     max_queue: int = 512
     max_request_bytes: int = 128_000_000
-    # slow and hostile clients (README "Limits")
+    # slow and hostile clients (docs/server.md "Limits and hardening")
     header_timeout: float = 10.0  # a request's headers must arrive within this many seconds
     body_timeout: float = 30.0  # a request's body must arrive in full within this many seconds
     keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); past it 503
     max_body_readers: int = 768  # request bodies being read at once; past it 503
     max_header_bytes: int = 65_536  # request line and headers
-    # decode work (README "Limits"): pixels decoded per request, and being decoded at once
+    # decode work (docs/server.md "Limits and hardening"): pixels decoded per request, and being decoded at once
     max_request_pixels: int = 256_000_000
     max_decode_pixels: int = 100_000_000
     # more Clarifai model ids: {"id": ["model name or folder", "vocab file or null"]} (a bare string: model only)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import calibrate, text_store
 from . import models as model_store
@@ -18,7 +18,9 @@ from . import vocab as vocab_mod
 from .config import Settings
 from .devices import pick_device
 from .encoder import ImageEncoder
+from .scorer import Scorer
 from .tagger import Tagger
+from .text_index import TextIndex
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,73 @@ def precompute_text(info: model_store.ModelInfo, vocabs: list[Path], *, progress
     """
     known = {e.get("key"): e for e in text_store.entries(info)}
     new: list[dict] = []
+    torch_device = pick_device("cpu")
+    model: Any = lambda: model_store.build(info)  # noqa: E731 - built only if a vocabulary needs it
     for vpath in dict.fromkeys(Path(v).resolve() for v in vocabs):
         vocab = vocab_mod.load(vpath)
-        tagger = Tagger(info, vocab, device="cpu")
-        key = tagger.text_key()
+        text = TextIndex(info, vocab, model, torch_device)
+        key = text.key()
         if key in known and text_store.load(info, key, len(vocab)) is not None:
             continue
         log.info("text embeddings of %s: %d concepts", vpath, len(vocab))
-        tagger.text_progress = progress
-        concepts, neutral = tagger.build_text()
-        new.append(text_store.store(info, known, key, vpath, vocab, concepts, neutral, list(tagger.templates)))
+        text.progress = progress
+        concepts, neutral = text.build()
+        model = text.model  # built once, for the next vocabulary too
+        new.append(text_store.store(info, known, key, vpath, vocab, concepts, neutral, list(text.templates)))
     if new:
         text_store.record(info, known)
     return new
+
+
+def load_scorer(settings: Settings) -> tuple[model_store.ModelInfo, Scorer]:
+    """The scorer of ``settings`` without the image tower: the logit scale is read from the weights and
+    the text embeddings from the model folder or the cache; the model is built only if the text tower
+    must run (a vocabulary never encoded before). For ``batch rescore``."""
+    store = model_store.ModelStore(settings.models_dir)
+    info = store.resolve(settings.model)
+    vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
+    params = model_store.logit_params(info)
+    if params is None:  # only a full load can tell
+        tagger = load(settings, verify=False).tagger
+        return info, tagger.scorer
+    device = pick_device("cpu")
+    text = TextIndex(info, vocab, lambda: model_store.build(info), device, cache_dir=settings.cache_dir)
+    return info, Scorer(vocab, text.embeddings, scoring=settings.scoring, logit_scale=params[0],
+                        logit_bias=params[1], calibration=calibrate.find_for(vocab, info))
+
+
+def fingerprint(settings: Settings) -> dict[str, Any]:
+    """What decides a batch run's answers, from the manifest, the vocabulary, the templates and the
+    calibration file alone (no model is loaded): a run dir holds results of exactly one fingerprint."""
+    import hashlib
+
+    from .prompts import TEMPLATES
+
+    info = model_store.ModelStore(settings.models_dir).resolve(settings.model)
+    vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
+    cal = calibrate.find_for(vocab, info)
+    if cal is not None and (cal.scoring != settings.scoring or settings.scoring == "softmax"):
+        cal = None  # the scorer will not use it either
+    cal_id = None
+    if cal is not None:
+        path = cal.path
+        cal_id = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else repr(cal)
+    return {
+        "model": info.name,
+        "model_sha256": info.sha256,
+        "vocab_sha256": vocab.sha256,
+        "templates": list(info.templates or TEMPLATES),
+        "scoring": settings.scoring,
+        "calibration_sha256": cal_id,
+        "preprocess": info.preprocess,
+        "max_pixels": settings.max_pixels,
+        "max_bytes": settings.max_bytes,
+        "fast_decode": settings.fast_decode,
+        "precision": settings.precision,
+        "max_concepts": settings.max_concepts,
+        "min_value": settings.min_value,
+    }
+
+
+#: the part of a fingerprint the stored embeddings depend on (``rescore`` may change the rest)
+IMAGE_KEYS = ("model_sha256", "preprocess", "max_pixels", "max_bytes", "fast_decode", "precision")

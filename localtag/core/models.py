@@ -343,16 +343,15 @@ class ModelStore:
              overwrite: bool = False) -> ModelInfo:
         """Download published weights (open_clip's table, or ``hf-hub:org/repo``) into the store."""
         import open_clip
-        from open_clip.factory import _get_hf_config
         from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
         with online():
             if arch.startswith("hf-hub:"):
                 repo = arch[len("hf-hub:"):]
-                cfg = _get_hf_config(repo)
+                # the repo's open_clip_config.json, fetched by open_clip's public download helper
+                tmpcfg = Path(download_pretrained_from_hf(repo, filename=OPEN_CLIP_CONFIG))
+                cfg = json.loads(tmpcfg.read_text())
                 weights = Path(download_pretrained_from_hf(repo))
-                tmpcfg = Path(tempfile.mkdtemp()) / OPEN_CLIP_CONFIG
-                tmpcfg.write_text(json.dumps(cfg))
                 try:
                     return self.import_checkpoint(
                         weights, repo.split("/")[-1], name or repo.replace("/", "--"), pretrained=arch,
@@ -423,9 +422,33 @@ def build(info: ModelInfo):
             f"{info.name}: cannot load {info.weights_path.name} into architecture {info.arch!r} "
             f"(wrong --arch, or a corrupt file): {str(e)[:500]}"
         ) from e
-    model = model.float().eval()
-    torch.set_grad_enabled(True)  # callers use inference_mode explicitly
-    return model
+    return model.float().eval()  # callers run it under torch.inference_mode
+
+
+def logit_params(info: ModelInfo) -> tuple[float, float | None] | None:
+    """The model's (logit scale, logit bias) read from its weights file without building the model
+    (scale clamped to [1, 100] as CLIP does); None where only a full load can tell (TorchScript)."""
+    path = info.weights_path
+    if _looks_openai(path):
+        return None
+    keys = ("logit_scale", "logit_bias")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: f.get_tensor(k) for k in keys if k in f.keys()}
+    else:
+        import torch
+
+        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+        found = {k: sd[k] for k in keys if k in sd}
+        found.update({k: sd["module." + k] for k in keys if "module." + k in sd and k not in found})
+    if "logit_scale" not in found:
+        return None
+    scale = float(found["logit_scale"].float().exp().clamp(1, 100).item())  # as the Tagger computes it
+    bias = float(found["logit_bias"].float().item()) if "logit_bias" in found else None
+    return scale, bias
 
 
 @contextmanager
@@ -460,5 +483,3 @@ def preprocess_for(info: ModelInfo):
                         resize_mode=p.get("resize_mode", "shortest"))
     return image_transform_v2(cfg, is_train=False)
 
-
-set_offline(True)

@@ -1,7 +1,5 @@
-"""Sinks: scored results out, as text lines, Clarifai JSON or JSONL on a stream (stdout by default).
-
-:func:`write_tags` scores embedded results ``chunk`` at a time (one matrix product each) and writes
-them as they come, so memory stays flat over millions of images. The text form is one line per input,
+"""Writers of the run loop (:mod:`localtag.core.run`): text lines, Clarifai JSON or JSONL on a stream
+(stdout by default), written as the results come, so memory stays flat over millions of images. The text form is one line per input,
 ``<key>\\t<tag value, …>``; a key with a tab, newline or backslash is escaped (``\\t``, ``\\n``,
 ``\\\\``), so a file name cannot forge a result line.
 """
@@ -11,15 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
-
-import numpy as np
+from typing import Any, TextIO
 
 from . import clarifai
-from .pipeline import Result, chunks
+from .pipeline import Result
+from .run import Scored, run
+from .scorer import DEFAULT_PICKING, Picking
 from .tag import Tag
 from .tagger import Tagger
 
@@ -40,49 +38,59 @@ def escape_key(key: str) -> str:
     return key.translate(_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def scored(tagger: Tagger, results: Iterable[Result], *, max_concepts: int, min_value: float,
-           select: np.ndarray | None = None, chunk: int = 512) -> Iterator[tuple[Result, list[Tag] | None]]:
-    """``(result, tags or None)`` in order; one matrix product per ``chunk`` results."""
-    for buf in chunks(results, chunk):
-        ok = [r.embedding for r in buf if r.ok]
-        values = iter(tagger.values(np.stack(ok)) if ok else ())
-        for r in buf:
-            tags = tagger.pick(next(values), max_concepts=max_concepts, min_value=min_value,
-                               select=select) if r.ok else None
-            yield r, tags
+class LineWriter:
+    """Text lines, Clarifai JSON or JSONL on a stream; a failed input is logged (stderr) and written
+    with its status. Call :meth:`close` once the loop is done (it ends the JSON document)."""
+
+    def __init__(self, model: dict[str, Any], fmt: str = "text", out: TextIO | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+        self.model, self.fmt, self.out = model, fmt, out or sys.stdout
+        self.n = Written()
+        if fmt == "json":
+            self.out.write('{"outputs": [')
+
+    def write(self, batch: Sequence[Scored]) -> None:
+        for s in batch:
+            r = s.result
+            if not r.ok:
+                self.n.failed += 1
+                log.error("%s: %s", escape_key(r.job.key), r.error.message)
+            if self.fmt == "text":
+                text = (", ".join(f"{t.name} {t.value:.3f}" for t in s.tags) if s.tags is not None
+                        else f"ERROR {r.error.message}")
+                self.out.write(f"{escape_key(r.job.key)}\t{text}\n")
+            else:
+                line = json.dumps(clarifai_output(r, self.model, s.tags), ensure_ascii=True)
+                self.out.write(line + "\n" if self.fmt == "jsonl" else ("" if self.n.total == 0 else ",") + "\n  " + line)
+            self.n.total += 1
+        self.out.flush()
+
+    def close(self) -> Written:
+        if self.fmt == "json":
+            status = clarifai.status(clarifai.batch_code(self.n.total, self.n.failed), req_id=clarifai.new_id())
+            self.out.write("\n], \"status\": " + json.dumps(status) + "}\n")
+        self.out.flush()
+        return self.n
 
 
-def write_tags(tagger: Tagger, results: Iterable[Result], *, fmt: str = "text", max_concepts: int = 20,
-               min_value: float = 0.0, select: np.ndarray | None = None, chunk: int = 512,
-               out: TextIO | None = None) -> Written:
-    """Score and write every result; a failed input is logged (stderr) and written with its status."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
-    out = out or sys.stdout
-    model = clarifai.model_json(tagger.info.name, tagger.info.sha256[:32], name=tagger.info.name,
-                                app_id="localtag", user_id="localtag")
-    n = Written()
-    if fmt == "json":
-        out.write('{"outputs": [')
-    for r, tags in scored(tagger, results, max_concepts=max_concepts, min_value=min_value, select=select,
-                          chunk=chunk):
-        if not r.ok:
-            n.failed += 1
-            log.error("%s: %s", escape_key(r.job.key), r.error.message)
-        if fmt == "text":
-            text = ", ".join(f"{t.name} {t.value:.3f}" for t in tags) if tags is not None else f"ERROR {r.error.message}"
-            out.write(f"{escape_key(r.job.key)}\t{text}\n")
-        else:
-            o = clarifai.output_json(r.job.key, {"image": {"url": _url(r)}}, model, tags,
-                                     clarifai.image_error_status(r.error) if r.error else None)
-            line = json.dumps(o, ensure_ascii=True)
-            out.write(line + "\n" if fmt == "jsonl" else ("" if n.total == 0 else ",") + "\n  " + line)
-        n.total += 1
-        out.flush()
-    if fmt == "json":
-        code = clarifai.SUCCESS if not n.failed else (clarifai.FAILURE if n.failed == n.total else clarifai.MIXED_STATUS)
-        out.write("\n], \"status\": " + json.dumps(clarifai.status(code, req_id=clarifai.new_id())) + "}\n")
-    return n
+def clarifai_output(r: Result, model: dict[str, Any], tags: Sequence[Tag] | None) -> dict[str, Any]:
+    """One input's Clarifai output, as ``tag --json`` and batch exports write it."""
+    return clarifai.output_json(r.job.key, {"image": {"url": _url(r)}}, model, tags,
+                                clarifai.image_error_status(r.error) if r.error else None)
+
+
+def write_tags(tagger: Tagger, results: Iterable[Result], *, fmt: str = "text", picking: Picking = DEFAULT_PICKING,
+               chunk: int = 512, out: TextIO | None = None) -> Written:
+    """Score and write every result (the run loop with a :class:`LineWriter`)."""
+    writer = LineWriter(model_json(tagger), fmt, out)
+    run(results, writer, scorer=tagger.scorer, picking=picking, chunk=chunk)
+    return writer.close()
+
+
+def model_json(tagger: Tagger) -> dict[str, Any]:
+    return clarifai.model_json(tagger.info.name, tagger.info.sha256[:32], name=tagger.info.name,
+                               app_id="localtag", user_id="localtag")
 
 
 def _url(r: Result) -> str:

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from ..core.encoder import ImageEncoder
 from ..core.errors import (
@@ -52,6 +51,9 @@ from ..core.errors import (
     ImageError,
 )
 from ..core.pipeline import Job, Pipeline
+from ..core.run import Scored, run
+from ..core.scorer import Picking
+from ..core.tag import Tag
 from ..core.tagger import Tagger
 from .client import (
     FAILED_FIELD,
@@ -322,7 +324,7 @@ class _Sync:
                              else options.max_concepts)
         self.min_value = settings.directus_min_value if options.min_value is None else options.min_value
         self.fetch = _Fetcher(client, options.rendition, settings.max_bytes)
-        self.stamp = provenance_stamp(tagger, summary.run)
+        self.stamp = provenance_stamp(tagger.info.name, tagger.info.sha256, tagger.vocab.sha256, summary.run)
         self.has_field = False
         self.has_failed = False
         self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="localtag-directus-write")
@@ -354,19 +356,11 @@ class _Sync:
             self.bar.total = todo
             self.bar.refresh()
         pipe = Pipeline.from_settings(self.encoder, self.settings, cache=self.cache, fetchers=max(1, opts.concurrency))
-        chunk = max(1, pipe.batch_size)
         results = pipe.run(self._jobs({"_and": walk} if walk else None))
+        going = itertools.takewhile(lambda _: not self.fetch.stop.is_set(), results)
         with contextlib.closing(results), self.writers:
-            batch = []
-            for r in results:
-                if self.fetch.stop.is_set():
-                    break
-                batch.append(r)
-                if len(batch) >= chunk:
-                    self._write(batch)
-                    batch = []
-            if not self.fetch.stop.is_set():
-                self._write(batch)
+            run(going, self, scorer=self.tagger.scorer, picking=Picking(self.max_concepts, self.min_value),
+                chunk=max(1, pipe.batch_size))
         if self.fetch.stop_error is not None:
             raise self.fetch.stop_error
 
@@ -405,9 +399,14 @@ class _Sync:
                 continue
             yield Job(row["id"], lambda file_id=row["id"]: self.fetch(file_id), meta=row)
 
-    def _write(self, batch: list) -> None:
-        """Score a batch, re-read its files' tags and records, and write each (or say what it would do)."""
+    def write(self, scored: Sequence[Scored]) -> None:
+        """The run loop's writer: re-read a scored batch's files' tags and records, and write each (or
+        say what it would do). Nothing is written once a run-stopping error was seen."""
+        if self.fetch.stop.is_set():
+            return
         s = self.summary
+        batch = [x.result for x in scored]
+        tags_of = {id(x.result): x.tags for x in scored}
         ok = [r for r in batch if r.ok]
         for r in batch:
             digest = self.fetch.sha256.pop(r.job.key, None)
@@ -423,10 +422,9 @@ class _Sync:
                 self._outcome(r.job.key, "failed")
         if not ok:
             return
-        values = self.tagger.values(np.stack([r.embedding for r in ok]))
         fields = ["tags", PROVENANCE_FIELD] if self.has_field else ["tags"]
         current = self.client.files_by_id([r.job.key for r in ok], fields)
-        plans = [(r.job, self._plan(r.job, current.get(r.job.key), v)) for r, v in zip(ok, values, strict=True)]
+        plans = [(r.job, self._plan(r.job, current.get(r.job.key), tags_of[id(r)])) for r in ok]
         plans = [(job, plan) for job, plan in plans if plan is not None]
         if self.options.dry_run:
             for job, plan in plans:
@@ -475,7 +473,7 @@ class _Sync:
         except DirectusError as e:
             log.warning("directus file %s: could not record its failure: %s", r.job.key, e)
 
-    def _plan(self, job: Job, row: dict | None, values: np.ndarray) -> TagPlan | None:
+    def _plan(self, job: Job, row: dict | None, tags: list[Tag]) -> TagPlan | None:
         """What to write for one file, or None (skipped: deleted, tagged meanwhile, tags not a list)."""
         s, file_id = self.summary, job.key
         reason = None
@@ -484,7 +482,6 @@ class _Sync:
         elif row.get(PROVENANCE_FIELD) is not None and not self.options.retag:
             reason = "already tagged"  # by the flow, or another sync, while this one ran
         else:
-            tags = self.tagger.pick(values, max_concepts=self.max_concepts, min_value=self.min_value)
             try:
                 return plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), tags, self.stamp)
             except TagsFieldError as e:

@@ -92,12 +92,12 @@ def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: di
     return TagPlan(person + machine, record, added, [t for t in removed if t not in machine])
 
 
-def provenance_stamp(tagger: Any, run: str) -> dict[str, Any]:
+def provenance_stamp(model: str, model_sha256: str, vocab_sha256: str, run: str) -> dict[str, Any]:
     """What a provenance record says about the tagger and the write: model, weights and vocabulary hashes."""
     return {
-        "model": tagger.info.name,
-        "model_sha256": tagger.info.sha256,
-        "vocab_sha256": tagger.vocab.sha256,
+        "model": model,
+        "model_sha256": model_sha256,
+        "vocab_sha256": vocab_sha256,
         "run": run,
         "tagged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

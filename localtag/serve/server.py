@@ -35,7 +35,8 @@ from ..core.config import Settings
 from ..core.errors import ImageError
 from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
-from ..directus import flow as directus_flow
+from ..core.scorer import Picking
+from . import flow_route
 from .service import (
     Metrics,
     Overloaded,
@@ -322,7 +323,7 @@ async def filestack_tags(request: Request):
     entry = svc.default
     try:
         with svc.admitted(1):
-            values = await svc.image_values(entry, url=url, data=data)
+            tags = await svc.image_tags(entry, Picking(settings.max_concepts, settings.min_value), url=url, data=data)
     except Overloaded:
         return _json(503, {"error": "the request queue is full; retry later"}, {"Retry-After": "1"})
     except (ImageError, StatusError) as e:
@@ -330,7 +331,6 @@ async def filestack_tags(request: Request):
         status = clarifai.image_error_status(e) if isinstance(e, ImageError) else {"code": e.code}
         return _json(400, {"error": str(e), "code": status["code"]})
     svc.metrics.images.labels("ok").inc()
-    tags = entry.tagger.pick(values, max_concepts=settings.max_concepts, min_value=settings.min_value)
     return {"tags": {"auto": {t.name: int(round(t.value * 100)) for t in tags}, "user": None}}
 
 
@@ -442,6 +442,8 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
             from .grpc_service import start_grpc
 
             grpc_server, app.state.grpc_port = await start_grpc(service, settings.host, settings.grpc_port)
+        if flow_route.flow_configured(settings):
+            app.state.directus_flow = flow_route.make_worker(service, settings)
         service.ready = True
         log.info("serving %s on %d model(s)%s", ", ".join(sorted(entries)), len(unique),
                  "" if keys else " without API keys (any key is accepted)")
@@ -449,6 +451,8 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
             yield
         finally:
             service.ready = False
+            if app.state.directus_flow is not None:
+                await app.state.directus_flow.drain()
             if grpc_server is not None:
                 await grpc_server.stop(grace=1.0)
             for e in unique:
@@ -480,7 +484,7 @@ def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["ops"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"], tags=["ops"])
-    app.include_router(directus_flow.router)
+    app.include_router(flow_route.router)
     app.openapi = _openapi(app)
     app.add_middleware(PathAndMetricsMiddleware, metrics=metrics)
     return app

@@ -30,6 +30,8 @@ from ..core.errors import ImageError
 from ..core.fetch import FetchPolicy, fetch
 from ..core.loader import Loaded, load
 from ..core.pipeline import Pipeline
+from ..core.scorer import Picking
+from ..core.tag import Tag
 from ..core.tagger import SelectError, Tagger
 from .batcher import Batcher
 from .fairpool import FairPool, RequestPixels
@@ -409,9 +411,14 @@ class Service:
                 status = clarifai.status(clarifai.INTERNAL_SERVER_ISSUE, details=type(e).__name__)
             return clarifai.output_json(input_id, echo if image else {}, model, error=status)
         self.metrics.images.labels("ok").inc()
-        tags = entry.tagger.pick(values, max_concepts=opts.max_concepts, min_value=opts.min_value,
-                                 select=opts.select, language=opts.language)
+        tags = entry.tagger.scorer.pick(values, Picking(opts.max_concepts, opts.min_value, opts.select, opts.language))
         return clarifai.output_json(input_id, echo, model, tags)
+
+    async def image_tags(self, entry: ModelEntry, picking: Picking, *, url: str | None = None,
+                         data: bytes | None = None) -> list[Tag]:
+        """One image's tags by the entry's model (Filestack, the Directus flow): :meth:`image_values`
+        then the scorer's picking."""
+        return entry.tagger.scorer.pick(await self.image_values(entry, url=url, data=data), picking)
 
     async def image_values(self, entry: ModelEntry, *, url: str | None = None, b64: str | bytes | None = None,
                            data: bytes | None = None, budget: RequestPixels | None = None):
