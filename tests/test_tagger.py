@@ -10,6 +10,7 @@ from localtag.core.config import Settings
 from localtag.core.decode import decode
 from localtag.core.loader import Loaded, load
 from localtag.core.tagger import Tagger
+from localtag.core.text_index import TextIndex
 
 
 def _loaded(store, cache, text: str, **kw) -> Loaded:
@@ -29,13 +30,13 @@ def _values(loaded: Loaded, images) -> np.ndarray:
 
 def test_text_cache_is_built_once_and_rebuilt_on_change(random_store, tmp_path, monkeypatch):
     calls = []
-    real = Tagger.build_text
+    real = TextIndex.build
 
     def counting(self):
         calls.append(len(self.vocab))
         return real(self)
 
-    monkeypatch.setattr(Tagger, "build_text", counting)
+    monkeypatch.setattr(TextIndex, "build", counting)
     a = _tagger(random_store, tmp_path, "cat\ndog\n")
     first = a.text_embeddings.clone()
     assert calls == [2] and len(list((tmp_path / "text").glob("*.npz"))) == 1
@@ -44,8 +45,7 @@ def test_text_cache_is_built_once_and_rebuilt_on_change(random_store, tmp_path, 
     assert len(_tagger(random_store, tmp_path, "cat\ndog\nbird\n").text_embeddings) == 3  # vocabulary changed
     assert calls == [2, 3]
     c = _tagger(random_store, tmp_path, "cat\ndog\n")
-    c.templates = ("a drawing of a {}.",)  # templates changed
-    c._text = None
+    c.text.templates = ("a drawing of a {}.",)  # templates changed (before anything was scored)
     assert len(c.text_embeddings) == 2
     assert calls == [2, 3, 2] and len(list((tmp_path / "text").glob("*.npz"))) == 3
 

@@ -16,6 +16,7 @@ from localtag.core import vocab as vocab_mod
 from localtag.core.loader import precompute_text
 from localtag.core.models import ModelStore
 from localtag.core.tagger import Tagger
+from localtag.core.text_index import TextIndex
 
 
 @pytest.fixture()
@@ -41,7 +42,7 @@ def test_precompute_stores_verified_embeddings_the_tagger_uses(model_with_vocab,
     assert (info.path / entry["file"]).is_file()
     assert precompute_text(info, [info.vocab_path]) == []  # already there: nothing redone
     reread = ModelStore(info.path.parent).resolve("tiny-own")
-    monkeypatch.setattr(Tagger, "build_text", lambda self: pytest.fail("the text tower ran"))
+    monkeypatch.setattr(TextIndex, "build", lambda self: pytest.fail("the text tower ran"))
     t = _fresh(reread, vocab)  # no cache_dir: only the model folder can serve it
     assert torch.equal(t.text_embeddings, expected[0]) and torch.equal(t.neutral_embedding, expected[1])
 
@@ -53,7 +54,7 @@ def test_other_vocab_or_templates_do_not_match(model_with_vocab, tmp_path):
     other.write_text("cat\ndog\ntruck\n")
     t = _fresh(ModelStore(info.path.parent).resolve("tiny-own"), vocab_mod.load(other))
     assert text_store.load(t.info, t.text_key(), 3) is None
-    t.templates = ("a {}.",)
+    t.text.templates = ("a {}.",)
     assert text_store.load(t.info, t.text_key(), 3) is None
 
 
