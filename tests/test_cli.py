@@ -142,3 +142,38 @@ def test_cuda_requested_without_cuda_is_clear(fixture_model, cifar_test):
         pytest.skip("this machine has CUDA")
     r = run_cli("tag", str(cifar_test["dog"][0]), "--model", str(fixture_model), "--device", "cuda")
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+
+def test_tag_takes_urls_through_the_guarded_fetcher(fixture_model, cache_dir, tmp_path):
+    """`tag URL` fetches it (a loopback server here, allowed by name) and tags it like the file; a URL
+    to a local address that is not allowed is refused, and the run goes on with the others."""
+    import functools
+    import http.server
+    import threading
+
+    photo = sorted(COCO_DIR.glob("*.jpg"))[0]
+    (tmp_path / "p.jpg").write_bytes(photo.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        url = f"http://127.0.0.1:{port}/p.jpg"
+        flags = ["--model", str(fixture_model), "--cache-dir", str(cache_dir), "--jsonl", "--precision", "fp32"]
+        ok = run_cli("tag", url, str(photo), *flags, env={"LOCALTAG_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{port}"])})
+        assert ok.returncode == 0, ok.stderr
+        by_url, by_file = (json.loads(line) for line in ok.stdout.splitlines())
+        assert by_url["input"]["id"] == url and by_url["status"]["code"] == 10000
+        assert by_url["data"]["concepts"] == by_file["data"]["concepts"]
+        refused = run_cli("tag", url, str(photo), *flags)
+        assert refused.returncode == 1
+        bad, good = (json.loads(line) for line in refused.stdout.splitlines())
+        assert bad["status"]["code"] != 10000 and good["status"]["code"] == 10000
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and re.fullmatch(r"localtag \S+\n", r.stdout), (r.stdout, r.stderr)

@@ -57,13 +57,13 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def test_shipped_vocabulary():
-    v = vocab.load(REPO / "vocab.txt")
+    v = vocab.load(REPO / "localtag" / "data" / "vocab.txt")
     assert len(v) >= 3000
     names = {c.name for c in v}
     for must in ("no person", "people", "outdoors", "indoors", "travel", "business", "cat", "dog", "car",
                  "beach", "sunset", "snow", "red", "food"):
         assert must in names, must
-    header = (REPO / "vocab.txt").read_text().splitlines()[:40]
+    header = (REPO / "localtag" / "data" / "vocab.txt").read_text().splitlines()[:40]
     text = "\n".join(header).lower()
     for source in ("coco", "open images", "places365", "imagenet"):
         assert source in text, source
@@ -77,6 +77,6 @@ def test_shipped_vocabulary():
 def test_cli_vocab_check_reports_counts():
     from cli_run import run_cli
 
-    r = run_cli("vocab", "check", str(REPO / "vocab.txt"))
+    r = run_cli("vocab", "check", str(REPO / "localtag" / "data" / "vocab.txt"))
     assert r.returncode == 0, r.stderr
     assert re.search(r"\d{4} concepts", r.stdout)

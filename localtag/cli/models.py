@@ -49,12 +49,12 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 def _store_text_embeddings(args: argparse.Namespace, info) -> list[str]:
     """Text embeddings of the shipped vocab.txt and the model's own, into the model folder."""
     from ..core import text_store
-    from ..core.config import REPO_ROOT
+    from ..core.config import shipped
     from ..core.loader import precompute_text
 
     if not args.text:
         return []
-    vocabs = [REPO_ROOT / "vocab.txt", *([info.vocab_path] if info.vocab_path else [])]
+    vocabs = [shipped("vocab.txt"), *([info.vocab_path] if info.vocab_path else [])]
     precompute_text(info, [v for v in vocabs if v.is_file()], progress=args.progress)
     return [e["file"] for e in text_store.entries(info)]
 

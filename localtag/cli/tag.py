@@ -30,18 +30,30 @@ def _write(args: argparse.Namespace, settings, tagger, results, total: int, desc
     return 1 if n.failed or not n.total else 0
 
 
+def _count(args: argparse.Namespace) -> int | None:
+    """How many inputs, for the progress bar only: jobs are walked lazily (memory stays flat on huge
+    folders), so the tree is walked a second time only when a bar is shown."""
+    import sys
+
+    from ..core.sources import inputs
+
+    if not (sys.stderr.isatty() if args.progress is None else args.progress):
+        return None
+    return sum(1 for _ in inputs(args.paths))
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     from ..core.cache import open_embedding_cache
     from ..core.loader import load
     from ..core.pipeline import Pipeline
-    from ..core.sources import walk
+    from ..core.sources import inputs
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
     tagger.text_progress = args.progress  # a bar while a new vocabulary's prompts are encoded
     cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
-    total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat on huge folders
-    results = Pipeline.from_settings(encoder, settings, cache=cache).run(walk(args.paths))
+    total = _count(args)
+    results = Pipeline.from_settings(encoder, settings, cache=cache).run(inputs(args.paths, settings))
     return _write(args, settings, tagger, results, total, "tagging", chunk=max(1, encoder.batch_size))
 
 
@@ -55,7 +67,7 @@ def cmd_retag(args: argparse.Namespace) -> int:
     tagger, encoder = load(settings)
     # the same key as `tag` (exact, or --fast's draft-decoded entries): never a mix of the two
     cache = open_embedding_cache(settings, tagger.model_sha256, required=True)
-    total = sum(1 for _ in walk(args.paths))
+    total = _count(args)
     results = cached_results(cache, walk(args.paths), workers=settings.workers, max_bytes=settings.max_bytes)
     if args.embed_missing:
         results = embed_missing(results, Pipeline.from_settings(encoder, settings, cache=cache))
@@ -63,34 +75,21 @@ def cmd_retag(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from ..core.cache import open_embedding_cache
     from ..core.loader import load
     from ..core.pipeline import Pipeline
-    from ..core.sources import walk
-    from ..core.writers import escape_key
+    from ..core.run import run
+    from ..core.sources import inputs
+    from ..core.writers import EmbeddingWriter
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
     cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
-    jobs = list(walk(args.paths))
-    rows, keys, failed = [], [], 0
     pipe = Pipeline.from_settings(encoder, settings, cache=cache)
-    for r in progress(pipe.run(jobs), len(jobs), args.progress, "embedding"):
-        if r.ok:
-            rows.append(r.embedding.astype(np.float32))
-            keys.append(r.job.key)
-        else:
-            failed += 1
-            log.error("%s: %s", escape_key(r.job.key), r.error.message)
-    arr = np.stack(rows) if rows else np.zeros((0, tagger.info.model_cfg["embed_dim"]), dtype=np.float32)
-    out = Path(args.output)
-    np.save(out, arr)
-    keys_path = out.with_suffix(".paths.txt")
-    keys_path.write_text("".join(escape_key(k) + "\n" for k in keys))
-    print(json.dumps({"output": str(out), "shape": list(arr.shape), "paths": str(keys_path), "failed": failed}))
-    return 1 if failed else 0
+    writer = EmbeddingWriter(Path(args.output), int(tagger.info.model_cfg["embed_dim"]))
+    tally = run(progress(pipe.run(inputs(args.paths, settings)), _count(args), args.progress, "embedding"), writer)
+    print(json.dumps(writer.close()))
+    return 1 if tally.failed else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -14,9 +14,9 @@ log = logging.getLogger("localtag")
 
 def cmd_vocab_check(args: argparse.Namespace) -> int:
     from ..core import vocab as vocab_mod
-    from ..core.config import REPO_ROOT
+    from ..core.config import shipped
 
-    path = args.file or REPO_ROOT / "vocab.txt"
+    path = args.file or shipped("vocab.txt")
     concepts, problems = vocab_mod.check(path)
     errors = [p for p in problems if p.error]
     if args.json:

@@ -14,6 +14,17 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped(name: str) -> Path:
+    """A vocabulary shipped in the package (``localtag/data/``), read through importlib.resources so an
+    installed wheel finds it in site-packages like a checkout finds it in the tree."""
+    from importlib.resources import files
+
+    path = Path(str(files("localtag") / "data" / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: not shipped with this localtag ({path.parent})")
+    return path
 DEFAULT_MODEL = "ViT-B-32-256.datacomp_s34b_b86k"
 
 
@@ -135,4 +146,4 @@ class Settings(BaseSettings):
             return self.vocab
         if model_vocab is not None:
             return model_vocab
-        return REPO_ROOT / "vocab.txt"
+        return shipped("vocab.txt")

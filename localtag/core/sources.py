@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
-from .errors import NOT_FOUND, NOT_IMAGE, ImageError
+from .errors import NOT_FOUND, NOT_IMAGE, URL_REFUSED, ImageError
 from .pipeline import Job
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".heic", ".heif",
@@ -70,3 +71,25 @@ def _listdir(p: Path, unreadable: list[OSError]) -> list[str]:
     except OSError as e:
         unreadable.append(e)
         return []
+
+
+def is_url(text: str | Path) -> bool:
+    return isinstance(text, str) and text.lower().startswith(("http://", "https://"))
+
+
+def inputs(items: Iterable[str | Path], settings=None) -> Iterator[Job]:
+    """Jobs for what a command line names: files, folders (walked) and ``http(s)://`` URLs, fetched by
+    the server's guarded fetcher (public addresses only unless allowed, byte cap, timeouts) on the
+    pipeline's event loop. Without ``settings`` a URL is refused."""
+    policy = None
+    for item in items:
+        if not is_url(item):
+            yield from walk([item])
+            continue
+        if settings is None:
+            yield Job(str(item), ImageError(URL_REFUSED, "URLs are not taken here"))
+            continue
+        from .fetch import FetchPolicy, fetch
+
+        policy = policy or FetchPolicy.from_settings(settings)
+        yield Job(str(item), partial(fetch, str(item), policy))

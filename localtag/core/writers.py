@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from . import clarifai
 from .pipeline import Result
 from .run import Scored, run
@@ -72,6 +74,33 @@ class LineWriter:
             self.out.write("\n], \"status\": " + json.dumps(status) + "}\n")
         self.out.flush()
         return self.n
+
+
+class EmbeddingWriter:
+    """L2-normalised float32 embeddings ``[N, D]`` in input order to ``path`` (``.npy``), and the key of
+    each row to ``<path>.paths.txt``; a failed input is logged and left out."""
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim = path, dim
+        self.rows: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.failed = 0
+
+    def write(self, batch: Sequence[Scored]) -> None:
+        for s in batch:
+            if s.ok:
+                self.rows.append(np.asarray(s.result.embedding, dtype=np.float32))
+                self.keys.append(s.key)
+            else:
+                self.failed += 1
+                log.error("%s: %s", escape_key(s.key), s.result.error.message)
+
+    def close(self) -> dict[str, Any]:
+        arr = np.stack(self.rows) if self.rows else np.zeros((0, self.dim), dtype=np.float32)
+        np.save(self.path, arr)
+        keys = self.path.with_suffix(".paths.txt")
+        keys.write_text("".join(escape_key(k) + "\n" for k in self.keys))
+        return {"output": str(self.path), "shape": list(arr.shape), "paths": str(keys), "failed": self.failed}
 
 
 def clarifai_output(r: Result, model: dict[str, Any], tags: Sequence[Tag] | None) -> dict[str, Any]:

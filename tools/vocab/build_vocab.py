@@ -37,7 +37,7 @@ from collections import OrderedDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = os.path.join(HERE, "sources")
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "vocab.txt")
+DEFAULT_OUT = os.path.join(REPO_ROOT, "localtag", "data", "vocab.txt")
 
 SECTIONS = [
     "objects",
@@ -553,7 +553,7 @@ def check_file(path: str, fresh: str | None) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-o", "--output", default=DEFAULT_OUT, help="output file, '-' for stdout (default: repo-root vocab.txt)")
+    ap.add_argument("-o", "--output", default=DEFAULT_OUT, help="output file, '-' for stdout (default: localtag/data/vocab.txt)")
     ap.add_argument("--check", action="store_true", help="validate the output file (and that it matches the sources) instead of writing it")
     args = ap.parse_args(argv)
     try:
