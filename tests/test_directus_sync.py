@@ -175,6 +175,7 @@ def test_rerun_skips_done_files_and_retag_keeps_a_persons_tags(capsys, directus,
     rc, again, _ = sync_cli(capsys, directus, settings, library)
     assert again["tagged"] == 0 and again["skipped_reasons"]["already tagged"] == 128 and again["failed"] == 0
     assert again["skipped_reasons"][FAILED_BEFORE] == 1 and rc == 0  # the corrupt JPEG, recorded and unchanged
+    assert again["files_per_s"] is None  # nothing went through the model: no rate to report
 
     before = state(client, library["images"])
     a, b, c = [f for f in library["images"] if not library["person"].get(f)][:3]

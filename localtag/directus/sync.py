@@ -156,7 +156,9 @@ class Summary:
             "interrupted": self.interrupted,
             "elapsed_s": round(self.elapsed_s, 2),
             "waited_s": round(self.waited_s, 2),
-            "files_per_s": round(self.walked / self.elapsed_s, 2) if self.elapsed_s > 0 else None,
+            # files through the model (tagged or failed) per second; None when nothing was to do
+            "files_per_s": (round((self.tagged + self.failed) / self.elapsed_s, 2)
+                            if self.elapsed_s > 0 and self.tagged + self.failed else None),
         }
 
     def text(self) -> str:
