@@ -72,9 +72,8 @@ def counting(client) -> list[int]:
 
 
 def main() -> None:
-    from directus_harness import DirectusServer
+    from directus_harness import DirectusClient, DirectusServer
 
-    from localtag.directus.client import DirectusClient
     from localtag.directus.sync import SyncOptions, run_sync
 
     ap = argparse.ArgumentParser()

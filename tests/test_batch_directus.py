@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 from batch_helpers import batch, committed_rows, model_args
+from directus_harness import DirectusClient
 
-from localtag.directus.client import DirectusClient
 from localtag.directus.tag_merge import PROVENANCE_FIELD
 
 pytestmark = pytest.mark.directus

@@ -18,9 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from conftest import COCO_DIR
+from directus_harness import DirectusClient
 from PIL import Image
 
-from localtag.directus.client import DirectusAuthError, DirectusClient, DirectusError, DirectusNotFoundError
+from localtag.directus.client import DirectusAuthError, DirectusError, DirectusNotFoundError
 from tests.directus_fixtures import wait_for
 
 pytestmark = pytest.mark.directus

@@ -15,13 +15,14 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+from directus_harness import DirectusClient
 from live_server import LiveServer
 from test_directus_sync import model_settings
 
 from localtag import cli
 from localtag.core.decode import decode
 from localtag.core.loader import Loaded, load
-from localtag.directus.client import FLOW_PATH, SECRET_HEADER, DirectusClient
+from localtag.directus.client import FLOW_PATH, SECRET_HEADER
 from localtag.directus.tag_merge import PROVENANCE_FIELD
 from tests.directus_fixtures import wait_for
 

@@ -9,10 +9,11 @@ import uuid
 from collections import Counter
 
 import pytest
+from directus_harness import DirectusClient
 
 from localtag.core.config import Settings
 from localtag.core.loader import load
-from localtag.directus.client import FAILED_FIELD, DirectusClient
+from localtag.directus.client import FAILED_FIELD
 from localtag.directus.sync import FAILED_BEFORE, RETAGGED_BEFORE, SyncOptions, run_sync
 from localtag.directus.tag_merge import PROVENANCE_FIELD
 from tests.test_directus_sync import corrupt_jpeg, model_settings, state

@@ -16,13 +16,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from directus_harness import DirectusClient
 from PIL import Image
 
 from localtag import cli
 from localtag.core.config import Settings
 from localtag.core.decode import decode
 from localtag.core.loader import load
-from localtag.directus.client import DirectusClient
 from localtag.directus.sync import FAILED_BEFORE, SyncOptions, run_sync
 from localtag.directus.tag_merge import PROVENANCE_FIELD
 

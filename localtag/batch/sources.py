@@ -31,12 +31,11 @@ from urllib.parse import parse_qs, urlsplit
 from ..core import errors
 from ..core.errors import ImageError
 from ..core.fetch import redact
-from ..core.sources import walk
+from ..core.sources import IMAGE_SUFFIXES, walk
 from ..directus.client import DirectusClient
 
 URI_COLUMNS = ("uri", "url", "path")
 DIRECTUS_PREFIX = "directus://files/"
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".heic", ".avif"}
 
 
 class SourceError(ValueError):
@@ -68,7 +67,7 @@ def iter_items(sources: list[str], settings: Any) -> Iterator[dict]:
             if not p.exists():
                 raise SourceError(f"{s}: no such file or folder")
             suffix = p.suffix.lower()
-            if p.is_dir() or suffix in _IMAGE_SUFFIXES:
+            if p.is_dir() or suffix in IMAGE_SUFFIXES:
                 for job in walk([p]):  # an entry that cannot be read fails when it is read
                     yield _item(str(Path(job.key).resolve()))
             elif suffix == ".tar":
@@ -136,7 +135,7 @@ def _tar(path: Path) -> Iterator[dict]:
     path = path.resolve()
     with tarfile.open(path, "r:") as tar:  # plain tar only: an offset into a compressed one means nothing
         for m in tar:
-            if m.isfile() and Path(m.name).suffix.lower() in _IMAGE_SUFFIXES:
+            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
                 yield _item(f"{path}#{m.name}", m.offset_data, m.size)
 
 
@@ -158,7 +157,7 @@ def _object_store(uri: str) -> Iterator[dict]:
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"{redact(uri)}: {e}") from None
     for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        if Path(fi.path).suffix.lower() in _IMAGE_SUFFIXES:
+        if Path(fi.path).suffix.lower() in IMAGE_SUFFIXES:
             yield _item(f"{scheme}://{fi.path}")
 
 

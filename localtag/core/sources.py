@@ -44,7 +44,7 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def walk(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[Job]:
+def walk(paths: Iterable[str | Path]) -> Iterator[Job]:
     """Jobs for files and (walked, sorted) folders; see the module docstring."""
     for p in paths:
         p = Path(p)
@@ -52,8 +52,7 @@ def walk(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[Job]:
             yield Job(str(p), p)  # named explicitly: read as it is (decode says what is wrong)
             continue
         unreadable: list[OSError] = []
-        tree = os.walk(p, onerror=unreadable.append) if recursive else [(str(p), [], _listdir(p, unreadable))]
-        for root, dirs, files in tree:
+        for root, dirs, files in os.walk(p, onerror=unreadable.append):
             while unreadable:
                 e = unreadable.pop(0)
                 yield Job(str(e.filename or root), ImageError(NOT_FOUND, f"folder not read: {e.strerror or e}"))
@@ -63,14 +62,6 @@ def walk(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[Job]:
                     yield _entry(Path(root) / name)
         for e in unreadable:
             yield Job(str(e.filename or p), ImageError(NOT_FOUND, f"folder not read: {e.strerror or e}"))
-
-
-def _listdir(p: Path, unreadable: list[OSError]) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(p) if not e.is_dir()]
-    except OSError as e:
-        unreadable.append(e)
-        return []
 
 
 def is_url(text: str | Path) -> bool:

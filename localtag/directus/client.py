@@ -15,12 +15,10 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import mimetypes
 import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -272,24 +270,6 @@ class DirectusClient:
     def create_field(self, collection: str, field: dict[str, Any]) -> None:
         self._data("POST", f"/fields/{collection}", json=field)
 
-    def set_tags(self, file_id: str, tags: list[str]) -> None:
-        data = self._data("PATCH", f"/files/{file_id}", params={"fields": "id"}, json={"tags": list(tags)})
-        if data is None:  # Directus answers 204 for a PATCH of an id that does not exist
-            raise DirectusNotFoundError(f"PATCH /files/{file_id}: no such file", status=204, code="NOT_FOUND")
-
-    def upload(self, path_or_bytes: str | Path | bytes, filename: str | None = None, **fields: Any) -> dict:
-        """Upload a file (multipart POST /files); extra fields (title, folder, ...) go before the file."""
-        if isinstance(path_or_bytes, bytes):
-            content = path_or_bytes
-            if not filename:
-                raise ValueError("filename is required when uploading bytes")
-        else:
-            content = Path(path_or_bytes).read_bytes()
-            filename = filename or Path(path_or_bytes).name
-        mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-        return self._data("POST", "/files", data=form, files={"file": (filename, content, mime)})
-
     def find_flows(self, name: str) -> list[dict]:
         params = {
             "filter": json.dumps({"name": {"_eq": name}}),
@@ -330,66 +310,6 @@ class DirectusClient:
             }
         ]
         return self._put_flow(name, ops, "Tags uploaded images with localtag.")
-
-    def install_tutorial_flow(
-        self,
-        name: str,
-        localtag_url: str,
-        pat: str,
-        directus_public_url: str,
-        access_token: str,
-        threshold: float = 0.95,
-    ) -> str:
-        """The Clarifai tutorial's flow, pointed at localtag's Clarifai-compatible endpoint.
-
-        upload -> condition (image/*) -> request (Clarifai JSON) -> exec (concepts > threshold)
-        -> item-update directus_files.tags.
-        """
-        image_url = (
-            f"{directus_public_url.rstrip('/')}/assets/{{{{$trigger.key}}}}?access_token={access_token}"
-        )
-        script = (
-            "module.exports = async function(data) {\n"
-            "  return data.clarifai.data.outputs[0].data.concepts\n"
-            f"    .filter((c) => c.value > {float(threshold)!r}).map((c) => c.name);\n"
-            "};\n"
-        )
-        ops = [
-            {
-                "key": "is_image",
-                "name": "Is an image",
-                "type": "condition",
-                "options": {"filter": {"$trigger": {"payload": {"type": {"_starts_with": "image/"}}}}},
-            },
-            {
-                "key": "clarifai",
-                "name": "Recognise concepts",
-                "type": "request",
-                "options": {
-                    "method": "POST",
-                    "url": f"{localtag_url.rstrip('/')}/v2/models/general-image-recognition/outputs",
-                    "headers": [
-                        {"header": "Authorization", "value": f"key {pat}"},
-                        {"header": "Content-Type", "value": "application/json"},
-                    ],
-                    "body": json.dumps({"inputs": [{"data": {"image": {"url": image_url}}}]}),
-                },
-            },
-            {"key": "concepts", "name": "Pick concepts", "type": "exec", "options": {"code": script}},
-            {
-                "key": "set_tags",
-                "name": "Write tags",
-                "type": "item-update",
-                "options": {
-                    "collection": "directus_files",
-                    "key": "{{$trigger.key}}",
-                    "payload": {"tags": "{{$last}}"},
-                    "permissions": "$full",
-                    "emitEvents": True,
-                },
-            },
-        ]
-        return self._put_flow(name, ops, "Clarifai tutorial flow (localtag).")
 
     def _put_flow(self, name: str, ops: list[dict], description: str) -> str:
         """Create the flow `name`, or rebuild the existing one in place, with `ops` chained by resolve."""
