@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -198,3 +199,48 @@ def test_a_node_removed_mid_job(tmp_path, local_run, margs, coco_images):
     late = [m for m in RunStore(out).committed(24) if m["committed_at"] > removed_at]
     assert late, "no shard was committed after the node went"
     assert tags_by_sha(out) == tags_by_sha(local_run)
+
+
+def test_an_explicit_address_joins_a_token_cluster(tmp_path, margs, coco_images):
+    """`ray start --head` with token authentication (Ray >= 2.60), then `--ray-address HOST:PORT` from
+    another process that has the token: the driver sends it (Ray itself does only for "auto")."""
+    import secrets
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {**os.environ, "HOME": str(home), "RAY_AUTH_TOKEN": token,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    base.pop("RAY_ADDRESS", None)
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "false", "--disable-usage-stats",
+                             "--temp-dir", tempfile.mkdtemp(prefix="rt", dir="/tmp")],  # short: socket paths
+                            env={**base, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        lst = tmp_path / "list.txt"
+        lst.write_text("".join(f"{p}\n" for p in coco_images[:16]))
+        out = tmp_path / "run"
+        args = [str(lst), "--out", str(out), "--shard-size", "8", "--engine", "ray", "--workers", "1", *margs,
+                "--ray-address", f"127.0.0.1:{port}"]
+        deadline = time.monotonic() + 180
+        while True:  # the head needs a few seconds before it takes drivers
+            r = subprocess.run([sys.executable, "-m", "localtag", "batch", "run", *args], env=base, cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+            if r.returncode == 0 or time.monotonic() > deadline or "Authentication" in r.stderr:
+                break
+            time.sleep(3)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert n_committed(out) == 2
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)

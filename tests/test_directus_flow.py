@@ -136,9 +136,12 @@ def test_endpoint_checks_the_secret_and_skips_non_images(live, directus):
     trigger = {"event": "files.upload", "key": str(uuid.uuid4()), "collection": "directus_files",
                "payload": {"type": "application/pdf", "filename_download": "a.pdf"}}
     with httpx.Client(base_url=live.base) as http:
+        refused = http.get("/readyz").json()["directus_flow"]["refused_secret"]
         for headers in ({}, {SECRET_HEADER: "wrong"}, {SECRET_HEADER: SECRET + "x"}):
             r = http.post(FLOW_PATH, json={"trigger": trigger}, headers=headers)
             assert r.status_code == 401 and SECRET not in r.text
+        # a Directus whose .env lost the secret is visible from outside, not only in its own logs
+        assert http.get("/readyz").json()["directus_flow"]["refused_secret"] == refused + 3
         r = http.post(FLOW_PATH, json={"trigger": trigger}, headers={SECRET_HEADER: SECRET})
         assert r.status_code == 200 and r.json() == {"skipped": [trigger["key"]], "reason": "not an image (application/pdf)"}
         r = http.post(FLOW_PATH, content=b"{not json", headers={SECRET_HEADER: SECRET})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,18 @@ def _store(path: Path) -> Any:
     return RunStore(path)
 
 
+def _ray_token_mode(address: str | None) -> None:
+    """Ray (>= 2.60) sends the cluster token only for address None or "auto": for an explicit
+    HOST:PORT, turn token mode on when this host has the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token). A token-mode client also joins an open cluster. Ray reads the mode when it is
+    imported, so this runs first (docs/batch.md)."""
+    if address in (None, "auto") or "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args.out)
     from ..batch import ops as batch_ops
@@ -47,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.engine == "ray":
+        _ray_token_mode(args.ray_address)
         try:
             from ..batch import ray_engine as batch_ray
         except ImportError as e:

@@ -50,6 +50,11 @@ class FlowWorker:
         self.backoff = 1.0
         self.done = 0
         self.failed = 0
+        self.refused_secret = 0  # flow calls that came with a missing or wrong secret
+
+    def state(self) -> dict[str, int]:
+        return {"queued": len(self.tasks), "tagged": self.done, "failed": self.failed,
+                "refused_secret": self.refused_secret}
 
     def submit(self, key: str, mime: str | None) -> None:
         task = asyncio.get_running_loop().create_task(self._run(key, mime))

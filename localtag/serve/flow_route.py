@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -24,6 +25,8 @@ from ..directus.flow import FlowWorker
 from .service import Service
 
 MAX_FLOW_BODY = 1_000_000
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["directus"])
 
@@ -63,6 +66,9 @@ async def directus_flow(request: Request) -> JSONResponse:
         return _flow_error(503, "the Directus flow endpoint is off: set LOCALTAG_FLOW_SECRET, "
                            "LOCALTAG_DIRECTUS_URL and LOCALTAG_DIRECTUS_TOKEN")
     if not _secret_matches(request.headers.get(SECRET_HEADER, ""), settings.flow_secret.get_secret_value()):
+        worker.refused_secret += 1  # /readyz says so: a flow whose Directus has another (or no) secret
+        log.warning("directus flow call refused: %s", "no secret header" if not request.headers.get(SECRET_HEADER)
+                    else "wrong secret")
         return _flow_error(401, f"missing or wrong {SECRET_HEADER} header")
     try:
         body = await read_capped_async(request.stream(), MAX_FLOW_BODY, request.headers.get("content-length"))

@@ -345,8 +345,9 @@ async def readyz(request: Request):
         return _json(503, {"status": "starting"})
     # queue: images admitted (bounded by max_queue); waiting: decoded, waiting for the model;
     # reading: request bodies still arriving (not work yet)
+    flow = request.app.state.directus_flow
     return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load, "waiting": svc.waiting,
-            "reading": svc.reading}
+            "reading": svc.reading, "directus_flow": flow.state() if flow is not None else None}
 
 
 async def metrics_route(request: Request):
