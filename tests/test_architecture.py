@@ -68,7 +68,8 @@ def test_no_import_cycles():
 
 def test_leaf_modules_import_nothing_of_localtag():
     mods = modules()
-    for leaf in ("prompts", "errors", "tag", "numeric", "limits", "addresses", "labels", "devices"):
+    for leaf in ("prompts", "errors", "tag", "numeric", "limits", "addresses", "labels", "devices", "budgets",
+                 "logthrottle"):
         assert imports(mods[leaf])[0] == set(), leaf
 
 
