@@ -8,6 +8,7 @@ happened and how often: ``… (1234 more like this in the last 10 s)``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 #: messages that repeat under resource pressure, throttled by :class:`ThrottleFilter`
@@ -31,9 +32,9 @@ class ThrottleFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad record is not ours to judge
             return True
-        key = next((p for p in self.patterns if p in msg), None)
-        if key is None:
+        if not any(p in msg for p in self.patterns):
             return True
+        key = f"{record.name}:{re.sub(r'[0-9]+', '#', msg)[:160]}"  # the same line but for numbers (addresses, sizes)
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -52,7 +53,7 @@ class ThrottleFilter(logging.Filter):
 
 def install(*names: str) -> ThrottleFilter:
     """One shared :class:`ThrottleFilter` on each named logger (asyncio's and the server's by default)."""
-    names = names or ("asyncio", "uvicorn.error", "localtag.http_config", "localtag.server")
+    names = names or ("asyncio", "uvicorn.error", "localtag.http_config", "localtag.server", "localtag.service")
     flt = ThrottleFilter()
     for name in names:
         logger = logging.getLogger(name)
