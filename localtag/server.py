@@ -206,14 +206,15 @@ async def body_chunks(request: Request, svc: Service, holding: Holding | None = 
 
 @contextlib.asynccontextmanager
 async def trimmed(budget):
-    """A byte budget's holding for one client's body; a large body that failed gives its heap back."""
+    """A byte budget's holding for one client's body; a large body that failed gives its heap back
+    (a moment later, once the failure's frames, which hold the chunks, are gone)."""
     with budget as holding:
         try:
             yield holding
         except BaseException:
             if holding.size >= TRIM_BODY_BYTES:
-                holding.release()
-                await asyncio.to_thread(memory.trim)
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.5, lambda: loop.run_in_executor(None, memory.trim))
             raise
 
 
