@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); past it 503
     max_body_readers: int = 768  # request bodies being read at once; past it 503
     max_header_bytes: int = 65_536  # request line and headers
+    # per client (IP address), and budgets across all requests (docs/server.md "Limits and hardening"); 0: no cap
+    max_client_connections: int = 128  # open HTTP connections from one address
+    max_client_body_readers: int = 64  # request bodies being read at once from one address
+    min_upload_rate: int = 10_000  # bytes/s a body must keep up after its first few seconds
+    connection_max_age: float = 600.0  # a connection is closed after this (after its current answer)
+    max_body_bytes: int = 512_000_000  # bytes of request bodies still arriving, all requests together
+    max_client_body_bytes: int = 160_000_000  # the same, for one address
+    max_spool_bytes: int = 256_000_000  # bytes of Filestack uploads spooled to temp files, all together
+    max_client_spool_bytes: int = 64_000_000  # the same, for one address
+    grpc_max_connections: int = 256  # open gRPC connections; past it new ones are closed at once
+    grpc_idle_timeout: float = 300.0  # a gRPC connection with no call for this long is closed (GOAWAY)
     # decode work (docs/server.md "Limits and hardening"): pixels decoded per request, and being decoded at once
     max_request_pixels: int = 256_000_000
     max_decode_pixels: int = 100_000_000

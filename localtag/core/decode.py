@@ -3,7 +3,11 @@
 - EXIF orientation is applied.
 - Every mode becomes RGB: palette and alpha images are composited on white, 16-bit greyscale is
   scaled (not clipped), CMYK is converted, an animation gives its first frame.
-- The pixel count is checked from the header, before any pixel is decoded (decompression bombs).
+- The pixel count is checked from the header, before any pixel is decoded (decompression bombs),
+  and so is the aspect ratio: past 1::data:`MAX_ASPECT` (a 1×500,000 PNG, whose resize to the model's
+  short side would be gigapixels) the image is refused as too large (Clarifai's 30105).
+- A PNG whose text metadata is too large for Pillow (a zTXt / iTXt chunk inflating past 1 MB) is
+  decoded without its text chunks, as a browser shows it.
 - HEIC / HEIF (phone photos) decode through ``pillow-heif`` (the ``heic`` extra); without it the error
   says what to install.
 - ``draft`` lets the JPEG decoder produce a reduced-scale image (1/2, 1/4, 1/8) directly, which is
@@ -31,6 +35,10 @@ HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"
 HEIF_MISSING = ("a HEIC/HEIF image, and pillow-heif is not installed: install it with "
                 "`pip install 'localtag[heic]'` (or `pip install pillow-heif`)")
 _heif: bool | None = None
+#: the longest side may be at most this many times the shortest
+MAX_ASPECT = 100
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
 
 
 def is_heif(data: bytes) -> bool:
@@ -110,6 +118,28 @@ def decode(
     if is_heif(data) and not heif_ready():
         raise ImageError(NOT_IMAGE, HEIF_MISSING)
     try:
+        return _decode(data, max_pixels, draft, on_size)
+    except ImageError as e:
+        if not (data.startswith(PNG_SIGNATURE) and "MAX_TEXT_CHUNK" in e.message):
+            raise
+    return _decode(strip_png_text(data), max_pixels, draft, on_size)
+
+
+def strip_png_text(data: bytes) -> bytes:
+    """A PNG without its text chunks (tEXt, zTXt, iTXt): metadata only, never pixels."""
+    out, i = [data[:8]], 8
+    while i + 12 <= len(data):
+        kind, end = data[i + 4:i + 8], i + 12 + int.from_bytes(data[i:i + 4], "big")
+        if kind not in PNG_TEXT:
+            out.append(data[i:end])
+        i = end
+        if kind == b"IEND":
+            break
+    return b"".join(out)
+
+
+def _decode(data: bytes, max_pixels: int, draft: int | None, on_size: Callable[[int, int], None] | None):
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
@@ -124,6 +154,8 @@ def decode(
         raise ImageError(
             TOO_MANY_PIXELS, f"{w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit"
         )
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(TOO_MANY_PIXELS, f"{w}x{h} is longer and thinner than the 1:{MAX_ASPECT} limit")
     try:
         if draft and img.format == "JPEG" and min(w, h) >= 2 * draft:
             scale = min(w, h) / draft

@@ -56,6 +56,8 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, float] | None:
         return None
     if img.format != "JPEG" or mode not in ("RGB", "L") or w <= 0 or h <= 0:
         return None
+    if max(w, h) > decode.MAX_ASPECT * min(w, h):
+        return None  # long and thin: Pillow's path refuses it (decode.MAX_ASPECT)
     if w * h > max_pixels:
         raise ImageError(TOO_MANY_PIXELS,
                          f"{w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit")

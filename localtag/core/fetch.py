@@ -11,6 +11,11 @@
   ``127.0.0.1:8055``: entries are ``host`` (any port) or ``host:port``.
 - Redirects are followed by hand, at most ``max_redirects``; connect and read timeouts, and an overall
   deadline of three times the timeout; the body is streamed with a byte cap.
+- ``Content-Encoding``: the raw bytes are read (httpx's own decoding is never used: it inflates a
+  whole chunk at a time, on the event loop, before any cap). ``identity`` or none is the body itself;
+  one ``gzip`` or ``deflate`` layer is inflated off the event loop with an output limit of
+  ``max_bytes``; anything else (two layers, ``br``, ``zstd``) is refused. The byte cap applies to what
+  is decoded, not to what is on the wire (a compression bomb is stopped at ``max_bytes``).
 - Query strings (``?access_token=…``) are sent but never written into error messages.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +35,8 @@ from .limits import TooLarge, read_capped_async
 from .redact import redact_url
 
 REDIRECTS = {301, 302, 303, 307, 308}
+#: the one layer of ``Content-Encoding`` inflated (zlib's window bits: gzip, zlib-wrapped deflate)
+INFLATE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -159,9 +167,35 @@ async def _read(response: httpx.Response, url: httpx.URL, max_bytes: int) -> byt
         raise ImageError(NOT_FOUND, f"{redact(url)}: HTTP {response.status_code}")
     if response.status_code >= 400 or response.status_code < 200:
         raise ImageError(FETCH_FAILED, f"{redact(url)}: HTTP {response.status_code}")
+    codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if len(codings) > 1 or (codings and codings[0] not in INFLATE):
+        raise ImageError(FETCH_FAILED, f"{redact(url)}: Content-Encoding {', '.join(codings)!r} is not accepted "
+                                       "(one gzip or deflate layer at most)")
     try:
-        return await read_capped_async(response.aiter_bytes(), max_bytes, response.headers.get("content-length"))
+        raw = await read_capped_async(response.aiter_raw(), max_bytes, response.headers.get("content-length"))
+        if not codings:
+            return raw
+        return await asyncio.to_thread(inflate, raw, codings[0], max_bytes)
     except TooLarge as e:
         raise ImageError(TOO_MANY_BYTES, f"{redact(url)}: {e}") from None
+    except zlib.error as e:
+        raise ImageError(FETCH_FAILED, f"{redact(url)}: bad {codings[0]} data: {e}") from None
+
+
+def inflate(raw: bytes, coding: str, max_bytes: int) -> bytes:
+    """One layer of gzip or deflate, at most ``max_bytes`` out; raises :class:`TooLarge` past it."""
+    wbits = INFLATE[coding]
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(raw, max_bytes + 1)
+    except zlib.error:
+        if coding != "deflate":
+            raise
+        d = zlib.decompressobj(-15)  # raw deflate, as some servers send it
+        out = d.decompress(raw, max_bytes + 1)
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise TooLarge(max_bytes)
+    return out
 
 

@@ -4,6 +4,11 @@ Implemented: ``PostModelOutputs``, ``GetModel``, ``GetModelType``, ``ListModelTy
 ``GetModelOutputInfo`` and ``ListModelConcepts``. As on Clarifai's servers, errors travel in
 ``response.status``; the gRPC status stays OK. The servicer runs on the REST server's event loop
 (``grpc.aio``), so both share the models, the batcher and the admission queue.
+
+Connections are bounded (:func:`channel_options`): at most ``grpc_max_connections`` open (past it
+gRPC closes new ones at once), a connection must finish its HTTP/2 handshake within
+``header_timeout``, one with no call for ``grpc_idle_timeout`` gets a GOAWAY, the server pings quiet
+clients and drops those that do not answer, and a client pinging too often is dropped.
 """
 
 from __future__ import annotations
@@ -86,13 +91,36 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         return _to_proto(body, service_pb2.MultiModelTypeResponse)
 
 
+#: the server pings a client quiet this long, and drops it without an answer within KEEPALIVE_TIMEOUT_MS
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+#: pings a client may send too often before the server drops it
+MAX_PING_STRIKES = 2
+
+
+def channel_options(settings) -> list[tuple[str, int]]:
+    """gRPC core's server options for ``settings``: message sizes, and the connection bounds above."""
+    limit = settings.max_request_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout * 1000))),
+        ("grpc.max_connection_idle_ms", max(1, int(settings.grpc_idle_timeout * 1000))),
+        ("grpc.max_connection_age_ms", max(1, int(settings.connection_max_age * 1000))),
+        ("grpc.max_connection_age_grace_ms", max(1, int(settings.body_timeout * 1000))),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
+    if settings.grpc_max_connections > 0:
+        options.append(("grpc.max_allowed_incoming_connections", settings.grpc_max_connections))
+    return options
+
+
 async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on the running loop; returns it and the bound port (``port=0``: a free one)."""
-    limit = service.settings.max_request_bytes
     server = grpc.aio.server(
         # the generated base class answers UNIMPLEMENTED for the other methods from this small pool
         migration_thread_pool=ThreadPoolExecutor(1, thread_name_prefix="localtag-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        options=channel_options(service.settings),
     )
     service_pb2_grpc.add_V2Servicer_to_server(V2Servicer(service), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,7 +1,7 @@
 """The REST app of ``localtag serve``: a drop-in Clarifai endpoint, Filestack's route, operations.
 
 The work is :class:`localtag.serve.service.Service`'s; gRPC is :mod:`localtag.serve.grpc_service`, the Directus flow
-endpoint :mod:`localtag.directus.flow`. Routes: every Clarifai predict form (double slashes
+endpoint :mod:`localtag.serve.flow_route`. Routes: every Clarifai predict form (double slashes
 collapsed), model info / output_info / concepts / model types, ``/filestack/tags``, ``/healthz``,
 ``/readyz``, ``/metrics``, ``/docs``. Past ``max_queue`` images the server answers 503 with
 ``Retry-After`` and a Clarifai-shaped body, so memory stays flat.
@@ -30,13 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from ..core import clarifai
+from ..core import clarifai, memory
 from ..core.config import Settings
 from ..core.errors import ImageError
 from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
 from ..core.scorer import Picking
-from . import flow_route
+from . import flow_route, logthrottle
+from .budgets import Full, Holding
 from .service import (
     Metrics,
     Overloaded,
@@ -72,6 +73,10 @@ CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
 FORM_OVERHEAD = 1_000_000
 #: status recorded for a client that went away mid-request (nginx's convention); nothing is sent
 CLIENT_CLOSED = 499
+#: a body must keep up ``min_upload_rate`` once this many seconds have passed
+UPLOAD_GRACE = 3.0
+#: after a refused or failed body this large, freed heap is given back to the system
+TRIM_BODY_BYTES = 8_000_000
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -95,16 +100,31 @@ def _answer(result: tuple[int, dict]) -> JSONResponse:
     return _json(status, body, {"Retry-After": "1"} if status == 503 else None)
 
 
-class PathAndMetricsMiddleware:
-    """ASGI middleware: collapses double slashes before routing, and records request metrics."""
+def header_bytes(scope: dict) -> int:
+    """The size of a request's line and headers as they came on the wire (give or take a few bytes)."""
+    line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
 
-    def __init__(self, app, metrics: Metrics):
+
+class PathAndMetricsMiddleware:
+    """ASGI middleware: refuses headers over ``max_header_bytes`` (431), collapses double slashes
+    before routing, and records request metrics."""
+
+    def __init__(self, app, metrics: Metrics, max_header_bytes: int = 65_536):
         self.app = app
         self.metrics = metrics
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.max_header_bytes and (size := header_bytes(scope)) > self.max_header_bytes:
+            # h11 bounds only headers that arrive in pieces; a whole one in a single read is checked here
+            msg = f"the request headers are {size} bytes, over the {self.max_header_bytes}-byte limit"
+            await _json(431, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, msg),
+                        {"Connection": "close"})(scope, receive, send)
+            self.metrics.requests.labels("unmatched", "431").inc()
+            return
         if "//" in scope["path"]:
             scope = dict(scope)
             scope["path"] = re.sub("/{2,}", "/", scope["path"])
@@ -137,39 +157,78 @@ def _authorized(request: Request) -> JSONResponse | None:
 
 
 class BodyTimeout(Exception):
-    """The request body did not arrive within ``body_timeout``."""
+    """The request body did not arrive within ``body_timeout``, or fell under ``min_upload_rate``."""
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message)
+        self.message = message
 
 
 class Disconnected(Exception):
     """The client went away before its body was read."""
 
 
-async def body_chunks(request: Request, svc: Service):
-    """The body's chunks, within ``body_timeout`` in all; raises :class:`BodyTimeout`, :class:`Disconnected`."""
+def client_of(request: Request) -> str:
+    """The client's address: what per-client limits count by."""
+    return request.client.host if request.client else ""
+
+
+async def body_chunks(request: Request, svc: Service, holding: Holding | None = None):
+    """The body's chunks, within ``body_timeout`` in all and at ``min_upload_rate`` or faster after the
+    first :data:`UPLOAD_GRACE` seconds; each chunk is counted in ``holding`` (a byte budget). Raises
+    :class:`BodyTimeout`, :class:`Disconnected` or :class:`~localtag.serve.budgets.Full`."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + svc.settings.body_timeout
+    start = loop.time()
+    deadline = start + svc.settings.body_timeout
+    rate = svc.settings.min_upload_rate
+    received = 0
     chunks = request.stream().__aiter__()
     while True:
-        left = deadline - loop.time()
+        now = loop.time()
+        # the rate is kept while received >= rate × (elapsed − grace)
+        slow_at = start + UPLOAD_GRACE + received / rate if rate > 0 else deadline
+        left = min(deadline, slow_at) - now
         if left <= 0:
-            raise BodyTimeout
+            raise BodyTimeout(None if now >= deadline else
+                              f"the request body arrived at under {rate} bytes/s ({received} bytes in "
+                              f"{now - start:.1f} s)")
         try:
             chunk = await asyncio.wait_for(chunks.__anext__(), left)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise BodyTimeout from None
+            continue  # the loop says which deadline passed
         except ClientDisconnect:
             raise Disconnected from None
+        received += len(chunk)
+        if holding is not None:
+            holding.add(len(chunk))
         yield chunk
+
+
+@contextlib.asynccontextmanager
+async def trimmed(budget):
+    """A byte budget's holding for one client's body; a large body that failed gives its heap back
+    (a moment later, once the failure's frames, which hold the chunks, are gone)."""
+    with budget as holding:
+        try:
+            yield holding
+        except BaseException:
+            if holding.size >= TRIM_BODY_BYTES:
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.5, lambda: loop.run_in_executor(None, memory.trim))
+            raise
 
 
 async def read_body(request: Request, svc: Service, cap: int | None = None) -> bytes:
     """The body; raises :class:`TooLarge` past ``cap`` (default ``max_request_bytes``) without reading
-    the rest, :class:`BodyTimeout`, :class:`Disconnected`, or :class:`Overloaded` past ``max_body_readers``."""
-    with svc.body_slot():
-        return await read_capped_async(body_chunks(request, svc), cap or svc.settings.max_request_bytes,
-                                       request.headers.get("content-length"))
+    the rest, :class:`BodyTimeout`, :class:`Disconnected`, or :class:`~localtag.serve.budgets.Full` past the
+    body-reader caps or the byte budget of bodies arriving (in all, and per client)."""
+    client = client_of(request)
+    with svc.body_slot(client):
+        async with trimmed(svc.body_bytes.hold(client)) as holding:
+            return await read_capped_async(body_chunks(request, svc, holding), cap or svc.settings.max_request_bytes,
+                                           request.headers.get("content-length"))
 
 
 def _too_large(cap: int) -> JSONResponse:
@@ -181,13 +240,13 @@ def _body_failed(e: Exception, svc: Service, filestack: bool = False) -> Respons
     """The answer when a body could not be read: too large, too slow, the client gone, too many readers."""
     if isinstance(e, Disconnected):
         return Response(status_code=CLIENT_CLOSED)
-    if isinstance(e, Overloaded):
-        status, body = svc.overloaded_response()
-        body = {"error": body["status"]["details"]} if filestack else body
-        return _json(503, body, {"Retry-After": "1"})
+    if isinstance(e, Full):
+        status, body = svc.overloaded_response(e)
+        body = {"error": body["status"]["details"], "code": clarifai.MODEL_BUSY} if filestack else body
+        return _json(503, body, {"Retry-After": "1", "Connection": "close"})
     if isinstance(e, BodyTimeout):
         svc.metrics.timeouts.inc()
-        msg = f"the request body did not arrive within {svc.settings.body_timeout:g} s"
+        msg = e.message or f"the request body did not arrive within {svc.settings.body_timeout:g} s"
         body = {"error": msg} if filestack else clarifai.error_response(clarifai.CONN_INVALID_REQUEST, msg)
         return _json(408, body, {"Connection": "close"})
     assert isinstance(e, TooLarge)
@@ -199,7 +258,7 @@ def _body_failed(e: Exception, svc: Service, filestack: bool = False) -> Respons
 async def _read_predict(request: Request, svc: Service) -> PredictRequest | Response:
     try:
         raw = await read_body(request, svc)
-    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+    except (TooLarge, BodyTimeout, Disconnected, Full) as e:
         return _body_failed(e, svc)
     try:  # a large body is parsed off the event loop
         return await asyncio.to_thread(parse_predict, raw) if len(raw) > 256_000 else parse_predict(raw)
@@ -269,30 +328,36 @@ async def _filestack_input(request: Request, svc: Service) -> tuple[str | None, 
         return url, None
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     cap = min(settings.max_request_bytes, settings.max_bytes + FORM_OVERHEAD)
+    client = client_of(request)
+    multipart = ctype in ("multipart/form-data", "application/x-www-form-urlencoded")
+    # a form's file goes to a temp file (the spool budget), any other body stays in memory
+    budget = (svc.spool if multipart else svc.body_bytes).hold(client)
     try:
-        with svc.body_slot():
-            if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-                stream = cap_stream(body_chunks(request, svc), cap, request.headers.get("content-length"))
-                if ctype == "multipart/form-data":
-                    parser: Any = MultiPartParser(request.headers, stream, max_files=1, max_fields=20)
+        with svc.body_slot(client):
+            async with trimmed(budget) as holding:
+                if multipart:
+                    stream = cap_stream(body_chunks(request, svc, holding), cap, request.headers.get("content-length"))
+                    if ctype == "multipart/form-data":
+                        parser: Any = MultiPartParser(request.headers, stream, max_files=1, max_fields=20)
+                    else:
+                        parser = FormParser(request.headers, stream)
+                    form = await parser.parse()
+                    try:
+                        for value in form.values():
+                            if not isinstance(value, str):  # an UploadFile
+                                data = await value.read(settings.max_bytes + 1)
+                        url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
+                    finally:
+                        await form.close()
                 else:
-                    parser = FormParser(request.headers, stream)
-                form = await parser.parse()
-                try:
-                    for value in form.values():
-                        if not isinstance(value, str):  # an UploadFile
-                            data = await value.read(settings.max_bytes + 1)
-                    url = form.get("url") if data is None and isinstance(form.get("url"), str) else None
-                finally:
-                    await form.close()
-            else:
-                body = await read_capped_async(body_chunks(request, svc), cap, request.headers.get("content-length"))
-                if ctype == "application/json":
-                    raw = parse_json(body)
-                    url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
-                else:
-                    data = body
-    except (TooLarge, BodyTimeout, Disconnected, Overloaded) as e:
+                    body = await read_capped_async(body_chunks(request, svc, holding), cap,
+                                                   request.headers.get("content-length"))
+                    if ctype == "application/json":
+                        raw = parse_json(body)
+                        url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
+                    else:
+                        data = body
+    except (TooLarge, BodyTimeout, Disconnected, Full) as e:
         return _body_failed(e, svc, filestack=True)
     except StatusError as e:
         return _json(400, {"error": e.details, "code": e.code})
@@ -487,5 +552,6 @@ def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
     app.add_api_route("/metrics", metrics_route, methods=["GET"], tags=["ops"])
     app.include_router(flow_route.router)
     app.openapi = _openapi(app)
-    app.add_middleware(PathAndMetricsMiddleware, metrics=metrics)
+    app.add_middleware(PathAndMetricsMiddleware, metrics=metrics, max_header_bytes=settings.max_header_bytes)
+    logthrottle.install()
     return app

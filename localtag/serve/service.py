@@ -34,6 +34,7 @@ from ..core.scorer import Picking
 from ..core.tag import Tag
 from ..core.tagger import SelectError, Tagger
 from .batcher import Batcher
+from .budgets import ByteBudget, Full, Slots
 from .fairpool import FairPool, RequestPixels
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,11 @@ class StatusError(Exception):
         self.details = details
 
 
-class Overloaded(Exception):
-    pass
+class Overloaded(Full):
+    """The image queue (``max_queue``) is full."""
+
+    def __init__(self, cap: int = 0):
+        super().__init__("queued images", cap, False)
 
 
 @dataclass
@@ -218,8 +222,20 @@ class Service:
         # requests take turns at the decode threads, within max_decode_pixels being decoded at once
         self.decoder = FairPool(settings.workers, settings.max_decode_pixels)
         self.load = 0  # images admitted and not yet answered (the queue max_queue bounds)
-        self.reading = 0  # request bodies being read: not queued work, bounded by max_body_readers
+        # request bodies being read (not queued work), in all and per client address
+        self.readers = Slots("request bodies being read", settings.max_body_readers,
+                             settings.max_client_body_readers)
+        # bytes of bodies still arriving, and of Filestack uploads spooled to temp files, across requests
+        self.body_bytes = ByteBudget("bytes of request bodies arriving", settings.max_body_bytes,
+                                     settings.max_client_body_bytes)
+        self.spool = ByteBudget("bytes of uploads in temp files", settings.max_spool_bytes,
+                                settings.max_client_spool_bytes)
         self.ready = False
+
+    @property
+    def reading(self) -> int:
+        """Request bodies being read now."""
+        return self.readers.used
 
     @property
     def waiting(self) -> int:
@@ -255,22 +271,23 @@ class Service:
         return self.load > 0 and self.load + extra > self.settings.max_queue
 
     @contextlib.contextmanager
-    def body_slot(self):
-        """One request body being read; raises :class:`Overloaded` past ``max_body_readers``."""
-        if self.reading >= self.settings.max_body_readers:
-            raise Overloaded
-        self.reading += 1
-        self.metrics.body_readers.set(self.reading)
-        try:
-            yield
-        finally:
-            self.reading -= 1
+    def body_slot(self, client: str = ""):
+        """One request body being read; raises :class:`~localtag.serve.budgets.Full` past ``max_body_readers``
+        or ``max_client_body_readers``."""
+        with self.readers.held(client):
             self.metrics.body_readers.set(self.reading)
+            try:
+                yield
+            finally:
+                self.metrics.body_readers.set(self.reading - 1)
 
-    def overloaded_response(self) -> tuple[int, dict]:
+    def overloaded_response(self, e: Full | None = None) -> tuple[int, dict]:
+        """503 with Clarifai's 21354 (the official clients retry it): the queue, or ``e``'s budget, is full."""
         self.metrics.rejected.inc()
-        return 503, clarifai.error_response(clarifai.MODEL_BUSY, "the request queue is full; retry later",
-                                            description="Model is busy, please retry")
+        details = "the request queue is full; retry later" if e is None or isinstance(e, Overloaded) else str(e)
+        if e is not None and not isinstance(e, Overloaded):
+            log.warning("refused: %s", details)
+        return 503, clarifai.error_response(clarifai.MODEL_BUSY, details, description="Model is busy, please retry")
 
     @contextlib.contextmanager
     def admitted(self, n: int):
@@ -433,11 +450,14 @@ class Service:
                 raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
             data = await fetch(url, self.policy)
         data, (w, h) = await self.decoder.run(budget, self._peek, entry, data if data is not None else b64)
-        if not budget.take(w * h):
+        # what is decoded, plus what the resize to the model's short side makes of it
+        side = entry.encoder.image_size
+        cost = w * h + side * side * max(w, h) // max(1, min(w, h))
+        if not budget.take(cost):
             raise ImageError(errors.TOO_MANY_PIXELS,
                              f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
-        prepared = await self.decoder.run(budget, self._prepare, entry, data, cost=w * h)
-        if w * h >= TRIM_PIXELS:
+        prepared = await self.decoder.run(budget, self._prepare, entry, data, cost=cost)
+        if cost >= TRIM_PIXELS:
             await self.decoder.run(budget, memory.trim)
         if prepared.error is not None:
             raise prepared.error
@@ -465,7 +485,11 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     if len(text) * 3 // 4 > max_bytes:
         raise ImageError(errors.TOO_MANY_BYTES, f"about {len(text) * 3 // 4} bytes is over the {max_bytes}-byte limit")
     text += "=" * (-len(text) % 4)
-    alphabet = b"-_" if ("-" in text or "_" in text) else None
+    urlsafe = "-" in text or "_" in text
+    if urlsafe and ("+" in text or "/" in text):  # two alphabets at once: not base64 of anything
+        raise StatusError(clarifai.INPUT_INVALID_ARGUMENT,
+                          "data.image.base64 is not valid base64 (it mixes the standard and URL-safe alphabets)")
+    alphabet = b"-_" if urlsafe else None
     try:
         return base64.b64decode(text, altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
