@@ -204,3 +204,23 @@ def test_a_broken_cache_slows_the_run_but_never_fails_it(encoder, model_sha, pho
     results = list(Pipeline(encoder, batch_size=2, cache=cache).run(walk(photos[:3])))
     assert all(r.ok for r in results)
     assert "embedding cache failed" in caplog.text
+
+
+def test_a_bug_is_told_as_one_not_as_a_corrupt_image(encoder, photos, monkeypatch, caplog):
+    """An exception no input can cause (here: the resize step breaks) fails that input as an internal
+    error, with its traceback in the log, and the run goes on."""
+    real = Preprocess.pixels
+    calls = []
+
+    def broken(self, img):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the resize step")
+        return real(self, img)
+
+    monkeypatch.setattr(Preprocess, "pixels", broken)
+    with caplog.at_level("ERROR"):
+        results = list(Pipeline(encoder, workers=1).run([Job(str(p), p) for p in photos[:3]]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error.kind == errors.INTERNAL and "a bug in the resize step" in results[1].error.message
+    assert "Traceback" in caplog.text and "RuntimeError: a bug in the resize step" in caplog.text

@@ -32,7 +32,7 @@ from ..core import errors
 from ..core.errors import ImageError
 from ..core.fetch import redact
 from ..core.sources import IMAGE_SUFFIXES, walk
-from ..directus.client import DirectusClient
+from ..directus.client import DirectusClient, DirectusError
 
 URI_COLUMNS = ("uri", "url", "path")
 DIRECTUS_PREFIX = "directus://files/"
@@ -245,8 +245,9 @@ class Opener:
             self._directus = _directus_client(self.settings)
         try:
             return self._directus.download(file_id, max_bytes=self.settings.max_bytes)
-        except Exception as e:  # noqa: BLE001 - one file's failure is its own error row
-            kind = errors.NOT_FOUND if getattr(e, "status", None) in (403, 404) else errors.FETCH_FAILED
+        except DirectusError as e:  # one file's failure is its own error row
+            kind = (errors.NOT_FOUND if e.status in (403, 404) else
+                    errors.TOO_MANY_BYTES if e.code == "TOO_LARGE" else errors.FETCH_FAILED)
             raise ImageError(kind, f"directus file {file_id}: {e}") from None
 
 

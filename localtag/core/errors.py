@@ -9,6 +9,8 @@ TOO_MANY_BYTES = "too_many_bytes"
 FETCH_FAILED = "fetch_failed"
 URL_REFUSED = "url_refused"
 NOT_FOUND = "not_found"
+#: not the input's fault: a bug or a broken environment (logged with its traceback, never called bad input)
+INTERNAL = "internal"
 
 
 class ImageError(Exception):

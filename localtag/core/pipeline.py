@@ -86,6 +86,18 @@ class EmbeddingCache(Protocol):
     def remember_files(self, items: Iterable[tuple[str, int, int, str]]) -> None: ...
 
 
+#: inputs failed by an unexpected exception in this process (each logged with its traceback)
+UNEXPECTED = {"count": 0}
+
+
+def unexpected(e: BaseException) -> ImageError:
+    """An exception no input can cause: logged with its traceback, counted, and failing the one input
+    as an internal error (Clarifai's 21100-range internal issue), never as a corrupt image."""
+    UNEXPECTED["count"] += 1
+    log.error("internal error while preparing an input (%d so far)", UNEXPECTED["count"], exc_info=e)
+    return ImageError(errors.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+
 def _as_error(e: BaseException) -> ImageError:
     if isinstance(e, ImageError):
         return e
@@ -196,8 +208,8 @@ class Pipeline:
             return Prepared(digest=digest, tensor=self.pre.tensor(img))
         except ImageError as e:
             return Prepared(digest=digest, error=e)
-        except Exception as e:  # noqa: BLE001 - one bad input fails alone
-            return Prepared(digest=digest, error=ImageError(errors.CORRUPT, f"{type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - not bad input (decode says that): a bug, told as one
+            return Prepared(digest=digest, error=unexpected(e))
 
     @property
     def _use_cache(self) -> bool:
