@@ -37,7 +37,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     tagger, encoder = load(settings)
     tagger.text_progress = args.progress  # a bar while a new vocabulary's prompts are encoded
-    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     total = sum(1 for _ in walk(args.paths))  # jobs are walked lazily: memory stays flat on huge folders
     results = Pipeline.from_settings(encoder, settings, cache=cache).run(walk(args.paths))
     return _write(args, settings, tagger, results, total, "tagging", chunk=max(1, encoder.batch_size))
@@ -52,7 +52,7 @@ def cmd_retag(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     tagger, encoder = load(settings)
     # the same key as `tag` (exact, or --fast's draft-decoded entries): never a mix of the two
-    cache = open_embedding_cache(settings, tagger.model_sha256, required=True)
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder, required=True)
     total = sum(1 for _ in walk(args.paths))
     results = cached_results(cache, walk(args.paths), workers=settings.workers, max_bytes=settings.max_bytes)
     if args.embed_missing:
@@ -71,7 +71,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
-    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     jobs = list(walk(args.paths))
     rows, keys, failed = [], [], 0
     pipe = Pipeline.from_settings(encoder, settings, cache=cache)

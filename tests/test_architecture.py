@@ -73,9 +73,14 @@ def test_leaf_modules_import_nothing_of_localtag():
 
 
 def test_one_module_runs_the_image_tower():
-    callers = sorted(name for name, tree in modules().items()
-                     if any(isinstance(n, ast.Attribute) and n.attr == "encode_image" for n in ast.walk(tree)))
-    assert callers == ["encoder"]
+    """The encoder runs the tower precision.prepare_image_tower builds (the one `auto` times); nothing
+    calls open_clip's encode_image, a second path with its own precision."""
+    def callers(attr: str) -> list[str]:
+        return sorted(name for name, tree in modules().items()
+                      if any(isinstance(n, ast.Attribute | ast.Name) and getattr(n, "attr", getattr(n, "id", None)) == attr
+                             for n in ast.walk(tree)))
+    assert callers("encode_image") == []
+    assert callers("prepare_image_tower") == ["encoder", "precision"]
 
 
 def test_heavy_stacks_only_where_they_are_served():
