@@ -344,8 +344,11 @@ async def readyz(request: Request):
         return _json(503, {"status": "starting"})
     # queue: images admitted (bounded by max_queue); waiting: decoded, waiting for the model;
     # reading: request bodies still arriving (not work yet)
+    # precision: per model, the image tower's precision and why (`auto`: measured once per model and
+    # CPU and kept in the cache folder, so it is the same on every start)
+    precision = {k: e.encoder.choice.to_json() for k, e in svc.entries.items()}
     return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load, "waiting": svc.waiting,
-            "reading": svc.reading}
+            "reading": svc.reading, "precision": precision}
 
 
 async def metrics_route(request: Request):
