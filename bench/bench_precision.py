@@ -226,9 +226,10 @@ def main() -> None:
         embs = {v: C.in_thread(embed_all, fn, batches) for v, fn in fns.items()}
         rows = [{"model": f"{args.arch} (random)", "variant": v, **agreement(tagger, embs["fp32"], e)}
                 for v, e in embs.items() if v != "fp32"]
+        print(json.dumps(rows), flush=True)  # the slow part (bf16 where it is emulated): never lose it
         fix = C.load_model(C.REPO / "models", "cifar10-tiny", C.REPO / "models" / "cifar10-tiny" / "vocab.txt").tagger
         report["quantised_fraction"]["cifar10-tiny"] = P.quantised_fraction(fix.model.visual)
-        ffns = towers(fix.model, fix.image_size, [v for v in args.agreement_variants if v != "ort-int8"])
+        ffns = towers(fix.model, short_side(fix.info.preprocess["size"]), [v for v in args.agreement_variants if v != "ort-int8"])
         fb = coco_batches(fix)
         fembs = {v: C.in_thread(embed_all, fn, fb) for v, fn in ffns.items()}
         rows += [{"model": "cifar10-tiny (trained)", "variant": v, **agreement(fix, fembs["fp32"], e)}
