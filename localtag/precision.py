@@ -62,11 +62,13 @@ MIN_GAIN = 1.10
 #: random-init ViT over the 128 COCO photos, the mean-centred cosine to fp32 (its minimum over the
 #: photos: random ViT embeddings share a common direction, which makes plain cosine lenient).
 BARS = {"fixture_top5_agreement": 0.99, "fixture_top1_drop_points": 0.5, "random_vit_centred_cos_min": 0.999}
-#: agreement with fp32 per precision, measured on this repository's AMD EPYC (bench/bench_precision.py
-#: --agreement, bench/RESULTS.md) and on a Xeon with AMX (issue 15). ``None``: not measurable there
-#: (int8 quantises none of the conv fixture, so the fixture cannot judge it).
+#: agreement with fp32 per precision, the policy ``auto`` follows. Measured by ``bench/bench_precision.py
+#: --agreement --cifar 0`` on the 2-core AMD EPYC (2026-12-07, bench/RESULTS.md): bf16 weights on the
+#: fixture over all 10,000 CIFAR-10 test photos (top-1 0.7434 fp32, 0.7429 bf16) and on a random-init
+#: ViT-B-32-256 over the 128 COCO photos (centred cosine mean 0.9998; issue 15 measured 0.99936 and
+#: 99.5 % on a Xeon with AMX). ``None``: not measurable (int8 quantises none of the conv fixture).
 AGREEMENT: dict[str, dict[str, float | None]] = {
-    "bf16": {"fixture_top5_agreement": 0.995, "fixture_top1_drop_points": 0.0, "random_vit_centred_cos_min": 0.99936},
+    "bf16": {"fixture_top5_agreement": 0.9961, "fixture_top1_drop_points": 0.05, "random_vit_centred_cos_min": 0.99931},
     "int8": {"fixture_top5_agreement": None, "fixture_top1_drop_points": None,
              "random_vit_centred_cos_min": 0.99739, "random_vit_top5_agreement": 0.9734},
 }
