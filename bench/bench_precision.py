@@ -3,7 +3,8 @@
 Speed (``--arch``, random init, batch ``--batch``): every variant runs once per round, rounds
 interleaved, in one thread of its own; the table gives the median seconds per batch and the ratio
 fp32 time ÷ variant time (> 1: faster than fp32). Variants: ``fp32`` (open_clip's own tower),
-``bf16`` (CPU autocast), ``int8`` (:func:`localtag.core.precision.quantize_int8`, torch dynamic int8 on the
+``bf16`` (:func:`localtag.core.precision.prepare_image_tower`: a bf16-weight copy of the tower, what the
+encoder runs), ``bf16-autocast`` (fp32 weights under CPU autocast, what localtag ran before issue 15), ``int8`` (:func:`localtag.core.precision.quantize_int8`, torch dynamic int8 on the
 Linear layers), ``compile`` (``torch.compile`` of the fp32 tower, default mode), and ``ort-int8``
 (ONNX Runtime dynamic int8, QUInt8 weights; only with onnxruntime importable, for the choice between
 the two int8 paths).
@@ -14,8 +15,9 @@ Agreement against fp32 (``--agreement``):
   subtracting the fp32 mean embedding (random ViTs share a common direction, which makes plain
   cosine lenient), top-5 agreement (mean |top-5 fp32 ∩ top-5 variant| / 5), max |Δ value|;
 - the trained fixture ``models/cifar10-tiny`` (a ModifiedResNet): the share of its weights and MACs
-  that int8 quantises, CIFAR-10 test top-1 of fp32 and int8 (``--cifar`` images), and the same
-  agreement figures over the COCO photos with its 10 classes.
+  that int8 quantises, CIFAR-10 test top-1 of each variant, its drop in points against fp32 and the
+  top-5 agreement with fp32 (``--cifar`` images), and the same agreement figures over the COCO photos
+  with its 10 classes. These are the figures of ``localtag.core.precision.AGREEMENT`` and its ``BARS``.
 
     .venv/bin/python bench/bench_precision.py --rounds 7 --agreement --cifar 10000
 """
@@ -64,6 +66,13 @@ def _ort_int8(visual, size: int):
     return run
 
 
+def _autocast(visual, x):
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return visual(x).float()
+
+
 def towers(model, size: int, variants: list[str]) -> dict:
     import torch
 
@@ -74,6 +83,8 @@ def towers(model, size: int, variants: list[str]) -> dict:
     for v in variants:
         if v in ("fp32", "bf16", "fp16", "int8"):
             out[v] = P.prepare_image_tower(model, v, cpu)
+        elif v == "bf16-autocast":
+            out[v] = lambda x, m=model.visual: _autocast(m, x)
         elif v == "compile":
             out[v] = torch.compile(model.visual)
         elif v == "ort-int8":
@@ -164,14 +175,19 @@ def cifar_top1(tagger, fns: dict, n: int) -> dict:
     labels = np.array([names.index(f.parent.name) for f in files])
     xs = torch.stack([preprocess_for(tagger.info)(Image.open(f).convert("RGB")) for f in files])
     out = {"images": len(files)}
-    preds = {}
+    logits = {}
     for v, fn in fns.items():
-        emb = embed_all(fn, xs.split(256))
-        preds[v] = tagger.logits(emb).argmax(1)
-        out[f"top1_{v}"] = round(float((preds[v] == labels).mean()), 4)
+        logits[v] = tagger.logits(embed_all(fn, xs.split(256)))
+        out[f"top1_{v}"] = round(float((logits[v].argmax(1) == labels).mean()), 4)
+    k = min(5, logits["fp32"].shape[1])
+    ref5 = np.argsort(-logits["fp32"], axis=1)[:, :k]
     for v in fns:
         if v != "fp32":
-            out[f"same_prediction_{v}"] = round(float((preds[v] == preds["fp32"]).mean()), 4)
+            out[f"same_prediction_{v}"] = round(float((logits[v].argmax(1) == logits["fp32"].argmax(1)).mean()), 4)
+            top5 = np.argsort(-logits[v], axis=1)[:, :k]
+            out[f"top5_agreement_{v}"] = round(float(np.mean([len(set(a) & set(b)) / k
+                                                              for a, b in zip(ref5, top5, strict=True)])), 4)
+            out[f"top1_drop_points_{v}"] = round(100 * (out["top1_fp32"] - out[f"top1_{v}"]), 2)
     return out
 
 
@@ -210,9 +226,10 @@ def main() -> None:
         embs = {v: C.in_thread(embed_all, fn, batches) for v, fn in fns.items()}
         rows = [{"model": f"{args.arch} (random)", "variant": v, **agreement(tagger, embs["fp32"], e)}
                 for v, e in embs.items() if v != "fp32"]
+        print(json.dumps(rows), flush=True)  # the slow part (bf16 where it is emulated): never lose it
         fix = C.load_model(C.REPO / "models", "cifar10-tiny", C.REPO / "models" / "cifar10-tiny" / "vocab.txt").tagger
         report["quantised_fraction"]["cifar10-tiny"] = P.quantised_fraction(fix.model.visual)
-        ffns = towers(fix.model, fix.image_size, [v for v in args.agreement_variants if v != "ort-int8"])
+        ffns = towers(fix.model, short_side(fix.info.preprocess["size"]), [v for v in args.agreement_variants if v != "ort-int8"])
         fb = coco_batches(fix)
         fembs = {v: C.in_thread(embed_all, fn, fb) for v, fn in ffns.items()}
         rows += [{"model": "cifar10-tiny (trained)", "variant": v, **agreement(fix, fembs["fp32"], e)}

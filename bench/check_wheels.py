@@ -4,9 +4,9 @@ Two checks, no network, run here before a device run:
 
 1. **Declared needs**: every ``Requires-Dist`` of every wheel (markers evaluated for CPython 3.12 on
    x86-64 Linux, no extras) is either another wheel in the folder or a package the device already has.
-2. **Actual imports**: this interpreter imports every ``localtag`` module, the CLI's extensions, the
-   test suite's and the benchmarks' third-party modules; the distribution of every module loaded must
-   be a wheel in the folder or a device package.
+2. **Actual imports**: this interpreter imports every ``localtag`` module (subpackages included),
+   builds every command's parser, and imports the test suite's and the benchmarks' third-party
+   modules; the distribution of every module loaded must be a wheel in the folder or a device package.
 
     python bench/check_wheels.py wheels
 """
@@ -83,10 +83,10 @@ def imported_distributions() -> set[str]:
     import localtag
     import localtag.cli as cli
 
-    for m in pkgutil.iter_modules(localtag.__path__):
-        if m.name != "__main__":
-            importlib.import_module(f"localtag.{m.name}")
-    cli._load_extensions()
+    for m in pkgutil.walk_packages(localtag.__path__, "localtag."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+    cli.build_parser()  # every command's parser
     for extra in ("pytest", "httpx", "open_clip", "ftfy", "uvicorn.protocols.http.h11_impl", "uvicorn.loops.asyncio",
                   "uvicorn.lifespan.on", "PIL.Image", "torchvision.io"):
         importlib.import_module(extra)

@@ -5,6 +5,9 @@
 #   2. runs the CUDA tests (tests/test_cuda.py; without CUDA they are skipped, and say so);
 #   3. runs bench/bench_cuda.py and writes $OUT/cuda-<date>.json (OUT: the device tool's folder that
 #      comes back; default /tmp/localtag-device-check).
+# Exit status: 0 all passed; 3 the wheels did not install; 4 localtag does not import; 1 tests or bench
+# failed. tests/test_device_check.py dry-runs it on the CPU in every `bin/test`, so a refactor cannot
+# break it unnoticed.
 # Data: ./devdata/coco128 when carried, else LOCALTAG_SHARED_DATA, else ../shared/data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +25,11 @@ fi
 [ -d devdata/coco128 ] && export LOCALTAG_SHARED_DATA=$PWD/devdata
 "$PY" - <<'PY' || exit 4
 import importlib, pkgutil, torch, localtag, localtag.cli as cli
-for m in pkgutil.iter_modules(localtag.__path__):
-    if m.name != "__main__":
-        importlib.import_module(f"localtag.{m.name}")
-cli._load_extensions()
+# every module, subpackages included, and every command's parser (what `localtag --help` builds)
+for m in pkgutil.walk_packages(localtag.__path__, "localtag."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+cli.build_parser()
 print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "(none: CPU dry run, CUDA tests skip)")
 PY

@@ -153,7 +153,14 @@ def _callers(attr: str) -> list[str]:
 
 
 def test_one_module_runs_the_image_tower():
-    assert _callers("encode_image") == ["core.encoder"]
+    """The encoder runs the tower precision.prepare_image_tower builds (the one `auto` times); nothing
+    calls open_clip's encode_image, a second path with its own precision."""
+    def callers(attr: str) -> list[str]:
+        return sorted(name for name, tree in modules().items()
+                      if any(isinstance(n, ast.Attribute | ast.Name) and getattr(n, "attr", getattr(n, "id", None)) == attr
+                             for n in ast.walk(tree)))
+    assert callers("encode_image") == []
+    assert callers("prepare_image_tower") == ["core.encoder", "core.precision"]
 
 
 def test_the_scoring_loop_exists_once():

@@ -215,16 +215,20 @@ def test_retag_reports_uncached_content_and_can_embed_it(library, random_store, 
     assert code == 0 and again == out
 
 
-def test_fast_and_exact_decodes_never_share_entries(tmp_path):
+def test_variants_never_share_entries(tmp_path):
+    """Preprocessing, precision actually used and device kind each have their own entries; so do the
+    bare-sha256 entries of older localtags, which are never served."""
     import numpy as np
 
-    from localtag.core.cache import open_embedding_cache
-    from localtag.core.config import Settings
+    from localtag.core.cache import cache_key
 
-    exact = open_embedding_cache(Settings(cache_dir=tmp_path), "ab" * 32)
-    fast = open_embedding_cache(Settings(cache_dir=tmp_path, fast_decode=True), "ab" * 32)
-    exact.put_many([("d" * 64, np.ones(4, np.float32))])
-    assert exact.get("d" * 64) is not None and fast.get("d" * 64) is None
+    sha = "ab" * 32
+    keys = [cache_key(sha), cache_key(sha, preprocess="draft"), cache_key(sha, preprocess="device", device="cuda"),
+            cache_key(sha, precision="bf16"), cache_key(sha, device="cuda"), cache_key(sha, precision="int8")]
+    assert len(set(keys)) == len(keys)
+    old = EmbeddingCache(tmp_path, sha)  # localtag before issue 15: one entry for every precision
+    old.put_many([("d" * 64, np.ones(4, np.float32))])
+    assert all(EmbeddingCache(tmp_path, k).get("d" * 64) is None for k in keys)
 
 
 def test_retag_fast_reads_and_fills_the_fast_entries(library, random_store, tmp_path, capsys, monkeypatch):
@@ -237,7 +241,7 @@ def test_retag_fast_reads_and_fills_the_fast_entries(library, random_store, tmp_
     files = sorted(folder.iterdir())
     cache = tmp_path / "cache"
     common = ["--models-dir", str(random_store), "--model", "tiny-random", "--device", "cpu", "--fast",
-              "--cache-dir", str(cache), "--vocab", str(new), "--jsonl"]
+              "--precision", "fp32", "--cache-dir", str(cache), "--vocab", str(new), "--jsonl"]
     code, tagged = _cli(capsys, "tag", *map(str, files[:6]), *common)
     assert code == 0
     calls = spy_on_image_tower(monkeypatch)
@@ -251,5 +255,5 @@ def test_retag_fast_reads_and_fills_the_fast_entries(library, random_store, tmp_
     code, _ = _cli(capsys, "retag", str(folder), "--embed-missing", *common)
     assert code == 0 and sum(calls) == 4  # the 4 files `tag` never saw
     sha = ModelStore(random_store).resolve("tiny-random").sha256
-    assert len(EmbeddingCache(cache, cache_key(sha, fast=True))) == 10
-    assert len(EmbeddingCache(cache, cache_key(sha, fast=False))) == 0
+    assert len(EmbeddingCache(cache, cache_key(sha, preprocess="draft"))) == 10
+    assert len(EmbeddingCache(cache, cache_key(sha))) == 0

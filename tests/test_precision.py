@@ -1,4 +1,5 @@
-"""Image-tower precision (localtag.core.precision): exact fp32, int8 on a copy, auto that never slows a CPU."""
+"""Image-tower precision (localtag.core.precision): exact fp32, bf16 weights and int8 on a copy, an agreement
+policy that holds, and an auto that never slows a CPU and is measured once per model and CPU."""
 
 from __future__ import annotations
 
@@ -67,12 +68,17 @@ def test_quantised_fraction_of_a_vit(tiny_vit):
     assert 0.3 < frac["macs"] < 0.9 and 0.3 < frac["params"] < 0.9
 
 
-def test_bf16_autocast_is_close(tiny_vit, batch):
+def test_bf16_on_cpu_runs_a_bf16_weight_copy(tiny_vit, batch):
+    """Not autocast (which casts fp32 weights on every call: 0.34× fp32 on AMX): a copy whose weights
+    are bf16, fed bf16; the model's own tower stays fp32."""
     tower = P.prepare_image_tower(tiny_vit, "bf16", CPU)
+    assert tower.module is not tiny_vit.visual
+    assert {p.dtype for p in tower.module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny_vit.visual.parameters()} == {torch.float32}
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(tiny_vit.encode_image(batch), dim=-1)
         got = torch.nn.functional.normalize(tower(batch), dim=-1)
-    assert got.dtype == torch.float32 and (ref * got).sum(-1).min() > 0.99
+    assert got.dtype == torch.float32 and (ref * got).sum(-1).min() > 0.99 and not torch.equal(ref, got)
 
 
 def test_explicit_choices_and_errors(tmp_path):
@@ -86,28 +92,55 @@ def test_explicit_choices_and_errors(tmp_path):
         P.prepare_image_tower(torch.nn.Identity(), "auto", CPU)
 
 
+def test_the_policy_bars_and_what_passes_them():
+    assert P.BARS == {"fixture_top5_agreement": 0.99, "fixture_top1_drop_points": 0.5,
+                      "random_vit_centred_cos_min": 0.999}
+    assert P.passes_bar("fp32") and P.passes_bar("bf16")
+    assert not P.passes_bar("int8")  # centred cosine 0.9974, top-5 97.3 % on the random ViT-B-32-256
+    assert not P.passes_bar("fp16")  # never measured on a CPU: not a candidate
+
+
 def test_auto_without_native_bf16_is_fp32_and_measures_nothing(tiny_vit, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "native_bf16", lambda: False)
     monkeypatch.setattr(P, "measure", lambda *a, **k: pytest.fail("nothing to measure"))
-    assert not P.AUTO_INT8  # int8 missed the 99 % top-5 bar (bench/RESULTS.md)
-    assert P.resolve("auto", CPU, "k", tmp_path, model=tiny_vit) == "fp32"
+    choice = P.choose("auto", CPU, "k", tmp_path, model=tiny_vit)
+    assert choice.precision == "fp32" and "native bf16" in choice.reason
+    assert not (tmp_path / "precision").exists()
 
 
-@pytest.mark.parametrize("speed, expected", [({"fp32": 1.0, "int8": 1.4}, "int8"),
-                                             ({"fp32": 1.0, "int8": 1.05}, "fp32"),
-                                             ({"fp32": 1.0, "int8": 0.5}, "fp32")])
-def test_auto_measures_once_and_caches_per_model_and_cpu(tiny_vit, tmp_path, monkeypatch, speed, expected):
-    monkeypatch.setattr(P, "AUTO_INT8", True)
-    monkeypatch.setattr(P, "native_bf16", lambda: False)
+@pytest.mark.parametrize("speed, expected", [({"fp32": 1.0, "bf16": 3.9}, "bf16"),
+                                             ({"fp32": 1.0, "bf16": 1.05}, "fp32"),
+                                             ({"fp32": 1.0, "bf16": 0.4}, "fp32")])
+def test_auto_measures_once_and_keeps_it_per_model_and_cpu(tiny_vit, tmp_path, monkeypatch, speed, expected):
+    """An AMX CPU (native bf16): auto times bf16 against fp32 once, keeps the answer in the cache folder
+    with the agreement it rests on, and every later start (another process) reads it back: the same
+    photo scores the same on every start."""
+    monkeypatch.setattr(P, "native_bf16", lambda: True)
     calls = []
     monkeypatch.setattr(P, "measure", lambda v, ps, size, **k: calls.append(ps) or {p: speed[p] for p in ps})
-    assert P.resolve("auto", CPU, "sha-a", tmp_path, model=tiny_vit) == expected
-    assert P.resolve("auto", CPU, "sha-a", tmp_path, model=tiny_vit) == expected
-    assert calls == [["fp32", "int8"]]  # the second answer came from the cache
-    (cached,) = (tmp_path / "precision").glob("*.json")
-    assert json.loads(cached.read_text())["choice"] == expected
-    P.resolve("auto", CPU, "sha-b", tmp_path, model=tiny_vit)  # another model: measured again
+    first = P.choose("auto", CPU, "sha-a", tmp_path, model=tiny_vit)
+    again = P.choose("auto", CPU, "sha-a", tmp_path, model=tiny_vit)
+    assert first.precision == again.precision == expected
+    assert calls == [["fp32", "bf16"]]  # the second answer was read back
+    (kept,) = (tmp_path / "precision").glob("*.json")
+    stored = json.loads(kept.read_text())
+    assert stored["precision"] == expected and stored["speed_vs_fp32"] == speed
+    assert stored["agreement"]["bf16"] == P.AGREEMENT["bf16"] and stored["agreement"]["bars"] == P.BARS
+    assert again.stored == str(kept) and again.measured_at == first.measured_at
+    P.choose("auto", CPU, "sha-b", tmp_path, model=tiny_vit)  # another model: measured again
     assert len(calls) == 2
+
+
+def test_auto_on_a_native_bf16_cpu_times_the_tower_the_encoder_runs(tiny_vit, tmp_path, monkeypatch):
+    """The speed auto measures is that of precision.prepare_image_tower's towers, the ones the encoder
+    runs (issue 15: it used to time autocast, a path bf16 no longer takes)."""
+    monkeypatch.setattr(P, "native_bf16", lambda: True)
+    built = []
+    real = P.prepare_image_tower
+    monkeypatch.setattr(P, "prepare_image_tower", lambda m, p, d: built.append(p) or real(m, p, d))
+    choice = P.choose("auto", CPU, "sha", tmp_path, model=tiny_vit)
+    assert built == ["fp32", "bf16"] and set(choice.speed_vs_fp32) == {"fp32", "bf16"}
+    assert choice.precision in ("fp32", "bf16")
 
 
 def test_measure_reports_ratios_to_fp32(tiny_vit):
@@ -120,6 +153,7 @@ def test_settings_and_flag(monkeypatch):
     from localtag.cli.common import settings_from
     from localtag.core.config import Settings
 
+    monkeypatch.delenv("LOCALTAG_PRECISION")  # conftest pins the suite to fp32
     assert Settings().precision == "auto"
     monkeypatch.setenv("LOCALTAG_PRECISION", "int8")
     assert Settings().precision == "int8"
@@ -143,5 +177,55 @@ def test_the_encoder_runs_the_precision_it_was_given(random_store, tmp_path, coc
     images = [decode.decode(p) for p in coco_images[:6]]
     a, b = fp32.embed(images), int8.embed(images)
     assert (a * b).sum(1).min() > 0.99 and not np.array_equal(a, b)
-    if not P.native_bf16() and not P.AUTO_INT8:  # nothing can beat fp32 here: auto measures nothing
-        assert load(Settings(precision="auto", **kw)).encoder.precision == "fp32"
+    if not P.candidates(CPU):  # nothing can beat fp32 here (no native bf16): auto measures nothing
+        auto = load(Settings(precision="auto", **kw)).encoder
+        assert auto.precision == "fp32" and auto.choice.requested == "auto"
+
+
+def _centred_cos_min(ref: np.ndarray, other: np.ndarray) -> float:
+    mean = ref.mean(0)
+    a, b = ref - mean, other - mean
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+@pytest.mark.parametrize("precision", [p for p in P.AGREEMENT if P.passes_bar(p)])
+def test_a_precision_auto_may_pick_keeps_fp32s_answers(precision, fixture_tagger, cifar_test, coco_images):
+    check_agreement(precision, fixture_tagger, cifar_test, coco_images)
+
+
+def check_agreement(precision, fixture_tagger, cifar_test, coco_images):
+    """The policy holds on this CPU (the bars of issue 15): on the trained fixture's CIFAR-10 test photos,
+    top-5 agreement with fp32 ≥ 99 % and top-1 accuracy within 0.5 points; on a random-init ViT over the
+    128 COCO photos, mean-centred cosine to fp32 ≥ 0.999 (bench/bench_precision.py --agreement measures
+    the full-size ViT-B-32-256; this one has ViT-B-32's patches and a smaller width, so the test stays
+    quick where bf16 is emulated)."""
+    import open_clip
+
+    from localtag.core import decode
+    from localtag.core.models import preprocess_for
+
+    model = fixture_tagger.model
+    files = [f for fs in cifar_test.values() for f in fs]
+    labels = np.array([c for c, fs in enumerate(cifar_test.values()) for _ in fs])
+    pre = preprocess_for(fixture_tagger.info)
+    x = torch.stack([pre(decode.decode(f)) for f in files])
+    out = {}
+    with torch.inference_mode():
+        for p in ("fp32", precision):
+            emb = torch.nn.functional.normalize(P.prepare_image_tower(model, p, CPU)(x), dim=-1).numpy()
+            out[p] = fixture_tagger.logits(emb)
+    top5 = {p: np.argsort(-v, axis=1)[:, :5] for p, v in out.items()}
+    agree = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5["fp32"], top5[precision], strict=True)])
+    drop = 100 * ((out["fp32"].argmax(1) == labels).mean() - (out[precision].argmax(1) == labels).mean())
+    assert agree >= P.BARS["fixture_top5_agreement"] and drop <= P.BARS["fixture_top1_drop_points"], (agree, drop)
+
+    torch.manual_seed(0)
+    vit = open_clip.CLIP(embed_dim=256, vision_cfg={"image_size": 224, "layers": 6, "width": 256, "patch_size": 32,
+                                                    "head_width": 64},
+                         text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}).eval()
+    vit_pre = open_clip.image_transform(224, is_train=False)
+    photos = torch.stack([vit_pre(decode.decode(f)) for f in coco_images])
+    with torch.inference_mode():
+        emb = {p: torch.cat([torch.nn.functional.normalize(P.prepare_image_tower(vit, p, CPU)(b), dim=-1)
+                             for b in photos.split(32)]).numpy() for p in ("fp32", precision)}
+    assert _centred_cos_min(emb["fp32"], emb[precision]) >= P.BARS["random_vit_centred_cos_min"]

@@ -436,6 +436,10 @@ def test_operations_endpoints(client, live):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and "general-image-recognition" in ready["models"]
+    # the image tower's precision and why, per model (the suite pins fp32: tests/conftest.py)
+    assert ready["precision"]["general-image-recognition"] | {"measured_at": None} == {
+        "precision": "fp32", "requested": "fp32", "reason": "asked for", "speed_vs_fp32": {}, "agreement": {},
+        "measured_at": None, "stored": None}
     m = client.get("/metrics").text
     for name in ("localtag_requests_total", "localtag_request_seconds_bucket", "localtag_images_total",
                  "localtag_batch_size_bucket", "localtag_queue_depth"):

@@ -16,12 +16,18 @@ A SOURCE is one of:
 An item is ``{"id", "uri", "offset", "length"}``. ``uri`` is a path, an http(s) URL (fetched through
 the server's guarded fetcher, so private addresses are refused), ``s3://…``, ``tar-path#member`` or
 ``directus://files/<id>``. Items stream: planning 10 M items never holds them all.
+
+Local paths follow the one rule ``tag`` follows: **symlinks are never resolved**; an image is named by
+the path it was found under. A batch run makes that path absolute (:func:`local_path`: the working
+directory prepended, ``.`` and ``..`` collapsed as text) because it is resumed, exported and read by
+workers from other working directories; ``tag`` prints it as given.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +56,14 @@ def _is_remote(s: str) -> bool:
     return "://" in s
 
 
+def local_path(path: str | Path) -> str:
+    """A local path as an item's uri: absolute, symlinks kept (the module docstring's rule)."""
+    return os.path.abspath(path)
+
+
 def normalize(source: str) -> str:
-    """The SOURCE as the plan records it (an absolute path for local ones)."""
-    return source if _is_remote(source) else str(Path(source).resolve())
+    """The SOURCE as the plan records it (an absolute path for local ones, symlinks kept)."""
+    return source if _is_remote(source) else local_path(source)
 
 
 def iter_items(sources: list[str], settings: Any) -> Iterator[dict]:
@@ -69,7 +80,7 @@ def iter_items(sources: list[str], settings: Any) -> Iterator[dict]:
             suffix = p.suffix.lower()
             if p.is_dir() or suffix in IMAGE_SUFFIXES:
                 for job in walk([p]):  # an entry that cannot be read fails when it is read
-                    yield _item(str(Path(job.key).resolve()))
+                    yield _item(local_path(job.key))
             elif suffix == ".tar":
                 yield from _tar(p)
             elif suffix in (".txt", ".lst"):
@@ -89,7 +100,7 @@ def _entry(value: str, base: Path) -> dict | None:
     if _is_remote(value):
         return _item(value)
     p = Path(value)
-    return _item(str(p if p.is_absolute() else (base / p)))
+    return _item(local_path(p if p.is_absolute() else base / p))
 
 
 def _lines(path: Path) -> Iterator[dict]:
@@ -132,7 +143,7 @@ def _parquet(path: Path) -> Iterator[dict]:
 
 def _tar(path: Path) -> Iterator[dict]:
     """WebDataset: members with an image suffix, addressed by their data offset (read without unpacking)."""
-    path = path.resolve()
+    path = Path(local_path(path))
     with tarfile.open(path, "r:") as tar:  # plain tar only: an offset into a compressed one means nothing
         for m in tar:
             if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:

@@ -112,7 +112,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                           rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value,
                           retry_window=window, retry_failed=args.retry_failed, run=args.run)
     tagger, encoder = load(settings)
-    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     bar = progress(None, None, args.progress, "directus sync", unit="file")
     with client, bar:
         summary = run_sync(client, tagger, encoder, settings, options, progress=bar, cache=cache)

@@ -29,7 +29,7 @@ def _setup(args: argparse.Namespace):
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
-    cache = None if args.no_cache else open_embedding_cache(settings, tagger.model_sha256)
+    cache = None if args.no_cache else open_embedding_cache(settings, tagger.model_sha256, encoder)
     labels_csv = args.labels or Path(args.dir) / "labels.csv"
     data = embed_labelled(tagger, encoder, settings, Path(args.dir), labels_csv, cache=cache,
                           progress=lambda it, n: progress(it, n, args.progress, "embedding"),

@@ -51,7 +51,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     tagger, encoder = load(settings)
     tagger.text_progress = args.progress  # a bar while a new vocabulary's prompts are encoded
-    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     total = _count(args)
     results = Pipeline.from_settings(encoder, settings, cache=cache).run(inputs(args.paths, settings))
     return _write(args, settings, tagger, results, total, "tagging", chunk=max(1, encoder.batch_size))
@@ -66,7 +66,7 @@ def cmd_retag(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     tagger, encoder = load(settings)
     # the same key as `tag` (exact, or --fast's draft-decoded entries): never a mix of the two
-    cache = open_embedding_cache(settings, tagger.model_sha256, required=True)
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder, required=True)
     total = _count(args)
     results = cached_results(cache, walk(args.paths), workers=settings.workers, max_bytes=settings.max_bytes)
     if args.embed_missing:
@@ -84,7 +84,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     tagger, encoder = load(settings)
-    cache = open_embedding_cache(settings, tagger.model_sha256) if settings.embedding_cache else None
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     pipe = Pipeline.from_settings(encoder, settings, cache=cache)
     writer = EmbeddingWriter(Path(args.output), int(tagger.info.model_cfg["embed_dim"]))
     tally = run(progress(pipe.run(inputs(args.paths, settings)), _count(args), args.progress, "embedding"), writer)

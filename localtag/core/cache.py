@@ -1,4 +1,5 @@
-"""The embedding cache: image embeddings on disk, keyed by content sha256 + model sha256.
+"""The embedding cache: image embeddings on disk, keyed by content sha256 + model sha256 + variant
+(preprocessing, precision actually used, device kind: :func:`cache_key`).
 
 A change of vocabulary, thresholds or scoring re-tags a library from its cached embeddings without
 running the image tower again (``localtag retag``, ``directus sync --retag``).
@@ -228,19 +229,23 @@ class _write:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def cache_key(model_sha256: str, fast: bool) -> str:
-    """The cache's model key: draft-mode (``--fast``) embeddings differ slightly from exact ones, so
-    they never share an entry."""
-    return model_sha256 + (":fast" if fast else "")
+def cache_key(model_sha256: str, *, preprocess: str = "exact", precision: str = "fp32", device: str = "cpu") -> str:
+    """The cache's model key: everything that changes an embedding. Draft-decoded (``--fast``) or
+    device-decoded embeddings differ slightly from exact ones, bf16/fp16/int8 ones from fp32 ones
+    (1e-3), and CUDA's from the CPU's, so none of them share an entry. Entries of older localtags,
+    keyed by the sha256 alone (or ``sha256:fast``), are never served."""
+    return f"{model_sha256}|{preprocess}|{precision}|{device}"
 
 
-def open_embedding_cache(settings, model_sha256: str, *, required: bool = False) -> EmbeddingCache | None:
-    """The cache of this model and decoding mode (``settings.fast_decode``) in ``settings.cache_dir``.
+def open_embedding_cache(settings, model_sha256: str, encoder, *, required: bool = False) -> EmbeddingCache | None:
+    """The cache of this model and of this encoder's variant (:meth:`ImageEncoder.variant`: decoding
+    mode ``settings.fast_decode``, the precision actually used, the device kind) in ``settings.cache_dir``.
 
     Unusable: None with a warning, or the error when ``required`` (``retag`` reads nothing else).
     """
     try:
-        return EmbeddingCache(Path(settings.cache_dir), cache_key(model_sha256, settings.fast_decode))
+        key = cache_key(model_sha256, **encoder.variant(settings.fast_decode))
+        return EmbeddingCache(Path(settings.cache_dir), key)
     except (OSError, sqlite3.Error, CacheError) as e:
         if required:
             raise CacheError(f"embedding cache in {settings.cache_dir} unusable: {e}") from None

@@ -5,8 +5,10 @@ Everything that turns pixels into embeddings goes through :class:`ImageEncoder`:
 batcher (REST, gRPC, Filestack, the Directus flow) and the tests. It owns:
 
 - the device and the precision (:mod:`localtag.core.precision`: ``fp32``, bit-for-bit open_clip; ``bf16`` /
-  ``fp16``, autocast; ``int8``, dynamic int8 on a copy of the visual tower, CPU; ``auto``, bf16 on
-  CUDA where supported, else fp16, and on CPU fp32 unless another precision was measured faster);
+  ``fp16``, a bf16-weight copy of the tower on CPU, autocast on CUDA; ``int8``, dynamic int8 on a copy
+  of the visual tower, CPU; ``auto``, bf16 on CUDA where supported, else fp16, and on CPU fp32 unless
+  another precision passes the agreement bar and was measured faster, once per model and CPU). The
+  tower it runs is :func:`localtag.core.precision.prepare_image_tower`'s, the one ``auto`` times;
 - channels_last and optional ``torch.compile`` (CUDA batch runs; one static shape, the last batch
   padded);
 - host batches: uint8 pixels pinned and copied non-blocking, normalised on the device; on CUDA batch
@@ -28,9 +30,9 @@ import numpy as np
 import torch
 
 from . import autotune, device_decode
-from .devices import autocast, pick_device
+from .devices import pick_device
 from .errors import ImageError
-from .precision import quantize_int8, resolve
+from .precision import choose, prepare_image_tower
 from .preprocess import Prepared, Preprocess, short_side
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class ImageEncoder:
         """``model_key`` (the weights' sha256) and ``cache_dir`` key the measured choice of ``auto``."""
         self.device = pick_device(device)
         self.cuda = self.device.type == "cuda"
-        self.precision = resolve(precision, self.device, model_key, cache_dir, model=model,
-                                 image_size=short_side(image_size))
+        #: the precision and why (``auto``: measured once per model and CPU, kept in ``cache_dir``)
+        self.choice = choose(precision, self.device, model_key, cache_dir, model=model,
+                             image_size=short_side(image_size))
+        self.precision = self.choice.precision
         self.model = model
         self.channels_last = self.cuda
         if self.channels_last:
@@ -66,9 +70,9 @@ class ImageEncoder:
         self.asynchronous = self.cuda  # launch k+1 before collecting k
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
         self._batch_size = batch_size
-        # the image tower: open_clip's own encode_image (fp32 exact; bf16/fp16 under autocast), or the
-        # int8 copy of the visual tower (the text path keeps the fp32 weights)
-        self._tower = quantize_int8(model.visual, self.image_size) if self.precision == "int8" else model.encode_image
+        # the image tower: model.visual itself (fp32, exact; CUDA bf16/fp16 under autocast), or a copy
+        # of it with bf16/fp16 (CPU) or int8 weights; the text path keeps the fp32 weights
+        self._tower = prepare_image_tower(self.model, self.precision, self.device)
         self._eager = self._tower
         self.compiled = False
         if compile:
@@ -77,6 +81,13 @@ class ImageEncoder:
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - compile is an optimisation only
                 log.warning("torch.compile unavailable (%s); running eagerly", e)
+
+    def variant(self, fast: bool) -> dict[str, str]:
+        """What besides the weights changes this encoder's embeddings: the preprocessing (``exact``;
+        ``--fast``: ``draft``, or ``device`` decoding on CUDA), the precision actually used and the
+        device kind (CUDA and CPU kernels round differently). The embedding cache keys on it."""
+        pre = "exact" if not fast else "device" if self.cuda and self.pre.split else "draft"
+        return {"preprocess": pre, "precision": self.precision, "device": self.device.type}
 
     @property
     def batch_size(self) -> int:
@@ -88,16 +99,15 @@ class ImageEncoder:
 
     # -- the image tower ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw image features of a normalised batch on the device, under the encoder's precision."""
-        with autocast(self.device, self.precision):
-            try:
-                return self._tower(x)
-            except Exception as e:  # noqa: BLE001 - torch.compile fails lazily, at the first call
-                if not self.compiled:
-                    raise
-                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
-                self._tower, self.compiled = self._eager, False
-                return self._tower(x)
+        """Raw float32 image features of a normalised batch on the device, under the encoder's precision."""
+        try:
+            return self._tower(x)
+        except Exception as e:  # noqa: BLE001 - torch.compile fails lazily, at the first call
+            if not self.compiled:
+                raise
+            log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
+            self._tower, self.compiled = self._eager, False
+            return self._tower(x)
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:

@@ -411,8 +411,12 @@ async def readyz(request: Request):
     # queue: images admitted (bounded by max_queue); waiting: decoded, waiting for the model;
     # reading: request bodies still arriving (not work yet)
     flow = request.app.state.directus_flow
+    # precision: per model, the image tower's precision and why (`auto`: measured once per model and
+    # CPU and kept in the cache folder, so it is the same on every start)
+    precision = {k: e.encoder.choice.to_json() for k, e in svc.entries.items()}
     return {"status": "ready", "models": sorted(svc.entries), "queue": svc.load, "waiting": svc.waiting,
-            "reading": svc.reading, "directus_flow": flow.state() if flow is not None else None}
+            "reading": svc.reading, "precision": precision,
+            "directus_flow": flow.state() if flow is not None else None}
 
 
 async def metrics_route(request: Request):
