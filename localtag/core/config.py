@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # model store and vocabulary
     models_dir: Path = Field(default_factory=default_models_dir)
     model: str = DEFAULT_MODEL
-    vocab: Path | None = None  # None: the model's own vocab.txt, else ./vocab.txt
+    vocab: Path | None = None  # None: the model's own vocab.txt, else the shipped localtag/data/vocab.txt
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # the image tower's (localtag.core.precision)

@@ -92,7 +92,7 @@ UNEXPECTED = {"count": 0}
 
 def unexpected(e: BaseException) -> ImageError:
     """An exception no input can cause: logged with its traceback, counted, and failing the one input
-    as an internal error (Clarifai's 21100-range internal issue), never as a corrupt image."""
+    as an internal error (Clarifai 98004, internal issue), never as a corrupt image."""
     UNEXPECTED["count"] += 1
     log.error("internal error while preparing an input (%d so far)", UNEXPECTED["count"], exc_info=e)
     return ImageError(errors.INTERNAL, f"internal error: {type(e).__name__}: {e}")

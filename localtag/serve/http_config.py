@@ -30,6 +30,7 @@ import logging
 
 import h11
 import uvicorn
+from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..core import clarifai
@@ -130,7 +131,10 @@ class GuardedH11(H11Protocol):
             self.transport.close()
 
     def handle_events(self) -> None:
+        cycle = self.cycle
         super().handle_events()
+        if self.cycle is not None and self.cycle is not cycle:  # a new request: see _early_answer
+            self.cycle.send = self._early_answer(self.cycle)
         state = self.conn.their_state
         if state is not h11.IDLE:  # the headers are in
             self._disarm()
@@ -141,20 +145,43 @@ class GuardedH11(H11Protocol):
             self._body_timer.cancel()
             self._body_timer = None
 
+    def _early_answer(self, cycle):
+        """The cycle's ``send``, wrapped: an answer that starts before the request's body is in says
+        ``connection: close`` (so no client reuses a connection that reads no more), and the close that
+        follows it lingers (see :meth:`_start_linger`) instead of resetting the connection under the
+        answer while body bytes are still arriving."""
+        send = cycle.send
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and self.conn.their_state is h11.SEND_BODY:
+                message = {**message, "headers": [*message.get("headers", []), CLOSE_HEADER]}
+                cycle.keep_alive = False
+                cycle.transport = _Lingering(self)
+            await send(message)
+
+        return wrapped
+
+    def _start_linger(self) -> None:
+        """Read no more of the body: discard what still comes for at most LINGER seconds (or
+        LINGER_BYTES), after sending the end of the stream, then close."""
+        if self._linger is not None or self.transport.is_closing():
+            return
+        self._linger = 0
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        try:
+            self.transport.write_eof()  # the client reads the answer, then the end of the stream
+        except (NotImplementedError, OSError, RuntimeError):
+            pass
+        self.loop.call_later(LINGER, self.transport.close)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.transport.is_closing():
             return
         if self.conn.their_state is h11.SEND_BODY:  # answered before its body came: read no more of it
-            self._linger = 0
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-                self._body_timer = None
-            try:
-                self.transport.write_eof()  # the client reads the answer, then the end of the stream
-            except (NotImplementedError, OSError, RuntimeError):
-                pass
-            self.loop.call_later(LINGER, self.transport.close)
+            self._start_linger()
         elif self.conn.their_state is h11.IDLE:
             self._arm()  # waiting for the next request's headers
 
@@ -168,6 +195,19 @@ class GuardedH11(H11Protocol):
             self._gated = False
             self.gate.give(self._ip)
         super().connection_lost(exc)
+
+
+class _Lingering:
+    """The transport as an early answer's cycle sees it: closing it starts the protocol's linger."""
+
+    def __init__(self, protocol: GuardedH11):
+        self._protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        self._protocol._start_linger()
 
 
 def protocol(settings: Settings) -> type[GuardedH11]:
