@@ -87,7 +87,7 @@ def test_tampered_file_is_refused_and_reported(model_with_vocab, caplog):
 
 def test_cli_import_stores_the_model_vocab_with_a_bar(tmp_path, monkeypatch):
     """`models import` encodes the shipped vocab.txt and the model's own; here the shipped one is swapped
-    for a small file to keep the test short (REPO_ROOT points at a copy of the repository layout)."""
+    for a small file to keep the test short (``shipped`` points at a folder of the test's own)."""
     import localtag.core.config as config
 
     ckpt = make_random_checkpoint(tmp_path / "ckpt" / "tiny-cli", seed=4)
@@ -95,7 +95,7 @@ def test_cli_import_stores_the_model_vocab_with_a_bar(tmp_path, monkeypatch):
     fake_root = tmp_path / "root"
     fake_root.mkdir()
     (fake_root / "vocab.txt").write_text("".join(f"thing {i}\n" for i in range(120)))  # 600 prompts: a bar
-    monkeypatch.setattr(config, "REPO_ROOT", fake_root)
+    monkeypatch.setattr(config, "shipped", lambda name: fake_root / name)
     from localtag import cli
 
     code = cli.main(["models", "import", str(ckpt), "--models-dir", str(tmp_path / "store"), "--progress"])
