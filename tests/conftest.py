@@ -124,3 +124,27 @@ def extract_cifar(dest: Path, split: str = "test", per_class: int = 20) -> dict[
 def cifar_test(tmp_path_factory) -> dict[str, list[Path]]:
     """20 real CIFAR-10 test JPEGs per class."""
     return extract_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+# -- the fast tier ------------------------------------------------------------------------------------
+#: `bin/test -m "not directus and not ray and not slow"` leaves these out: modules that start servers,
+#: download through a local hub, or run whole models over many photos, and single tests measured at
+#: over ~1.5 s on the 2-core machine. `bin/test` with no arguments runs them all.
+SLOW_MODULES = {"test_parity", "test_device_check", "test_hardening", "test_hardening2", "test_schemathesis",
+                "test_calibrate", "test_clarifai_clients", "test_batch", "test_models", "test_text_store",
+                "test_evaluate", "test_grpc", "test_snapshot", "test_heic"}
+SLOW_TESTS = {"test_a_precision_auto_may_pick_keeps_fp32s_answers", "test_unreadable_subfolder_is_reported",
+              "test_tag_coco_json_all_128", "test_startup_loads_only_what_the_command_needs",
+              "test_overload_answers_503_and_stays_bounded", "test_binary_values_do_not_depend_on_the_rest_of_the_vocabulary",
+              "test_stall_and_slow_drip_time_out", "test_tag_takes_urls_through_the_guarded_fetcher",
+              "test_cifar_top1_through_localtag_tag", "test_retag_gives_the_tags_of_a_fresh_run_without_the_image_model",
+              "test_concurrent_readers_and_writers_in_threads_and_processes", "test_retag_fast_reads_and_fills_the_fast_entries",
+              "test_retag_reports_uncached_content_and_can_embed_it", "test_int8_skips_linears_read_as_weights",
+              "test_the_encoder_runs_the_precision_it_was_given", "test_device_selection",
+              "test_text_cache_is_built_once_and_rebuilt_on_change"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
