@@ -9,6 +9,7 @@ from that folder.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -41,15 +42,16 @@ def test_the_wheel_tags_with_its_shipped_vocabulary(tmp_path, random_store):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the wheel, not a checkout on the path
     photo = tmp_path / "photo.jpg"
     photo.write_bytes((REPO / "samples" / "000000000309.jpg").read_bytes())
     r = subprocess.run([str(py), "-m", "localtag", "tag", str(photo), "--models-dir", str(random_store),
                         "--model", "tiny-random", "--no-cache", "--device", "cpu", "--jsonl", "--max-concepts", "3",
                         "--cache-dir", str(tmp_path / "cache")],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert len(out["data"]["concepts"]) == 3
     where = subprocess.run([str(py), "-c", "import localtag; print(localtag.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path, check=True).stdout
+                           text=True, cwd=tmp_path, check=True, env=env).stdout
     assert str(site) in where and str(REPO) not in where  # the wheel ran, not the checkout
