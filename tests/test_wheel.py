@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_wheel_tags_with_its_shipped_vocabulary(tmp_path, random_store):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the wheel, not a checkout on the path
     dist = tmp_path / "dist"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=600)
+                        "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = dist.glob("localtag-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -39,10 +40,9 @@ def test_the_wheel_tags_with_its_shipped_vocabulary(tmp_path, random_store):
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co., not localtag
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the wheel, not a checkout on the path
     photo = tmp_path / "photo.jpg"
     photo.write_bytes((REPO / "samples" / "000000000309.jpg").read_bytes())
     r = subprocess.run([str(py), "-m", "localtag", "tag", str(photo), "--models-dir", str(random_store),
