@@ -28,13 +28,13 @@ MAY_IMPORT = {
 TOP_LEVEL = {"__init__", "__main__"}
 #: the only modules that may import these (top level or inside a function)
 ALLOWED = {
-    "fastapi": {"serve.server", "serve.service", "serve.flow_route"},
+    "fastapi": {"serve.server", "serve.flow_route"},
     "starlette": {"serve.server"},
     "uvicorn": {"cli.serve", "serve.http_config"},
     "h11": {"serve.http_config"},
     "grpc": {"serve.grpc_service"},
     "clarifai_grpc": {"serve.grpc_service"},
-    "prometheus_client": {"serve.server", "serve.service", "serve.metrics"},
+    "prometheus_client": {"serve.server", "serve.metrics"},
     "ray": {"batch.ray_engine"},
 }
 LEAVES = ("core.prompts", "core.errors", "core.tag", "core.numeric", "core.limits", "core.addresses",

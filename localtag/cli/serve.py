@@ -11,7 +11,7 @@ from .common import add_model_flags, settings_from
 def check_bind(settings) -> None:
     """Refuse an open (keyless) server on a non-loopback address unless explicitly allowed."""
     from ..core.addresses import is_loopback
-    from ..serve.service import load_keys
+    from ..serve.auth import load_keys
 
     if not is_loopback(settings.host) and not settings.allow_public_bind and not load_keys(settings):
         raise ValueError(f"refusing to serve on {settings.host} without API keys: set LOCALTAG_API_KEYS or "

@@ -22,7 +22,8 @@ from google.protobuf import json_format
 from pydantic import ValidationError
 
 from ..core import clarifai
-from .service import DataIn, ImageIn, PredictRequest, Service, describe_errors
+from .schema import DataIn, ImageIn, PredictRequest
+from .service import Service, describe_errors
 
 log = logging.getLogger(__name__)
 

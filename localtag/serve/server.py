@@ -37,16 +37,16 @@ from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
 from ..core.scorer import Picking
 from . import flow_route, logthrottle
+from .auth import load_keys
 from .budgets import Full, Holding
+from .metrics import Metrics
+from .schema import PredictRequest
 from .service import (
-    Metrics,
     Overloaded,
-    PredictRequest,
     Service,
     StatusError,
     build_entries,
     describe_errors,
-    load_keys,
     parse_json,
     parse_predict,
 )

@@ -1,4 +1,5 @@
-"""The service behind every adapter: served models, auth, admission, metrics and ``predict``.
+"""The service behind every adapter: served models, admission and ``predict`` (request schema:
+:mod:`~localtag.serve.schema`; metrics: :mod:`~localtag.serve.metrics`; API keys: :mod:`~localtag.serve.auth`).
 
 ``localtag.serve.server`` (REST, Filestack) and ``localtag.serve.grpc_service`` (gRPC) are thin adapters over one
 :class:`Service`. Every image goes fetch (async, guarded: :mod:`localtag.core.fetch`) → decode and preprocess
@@ -20,8 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..core import clarifai, decode, errors, memory
 from ..core.config import Settings
@@ -33,9 +33,12 @@ from ..core.pipeline import Pipeline
 from ..core.scorer import Picking
 from ..core.tag import Tag
 from ..core.tagger import SelectError, Tagger
+from .auth import parse_authorization
 from .batcher import Batcher
 from .budgets import ByteBudget, Full, Slots
 from .fairpool import FairPool, RequestPixels
+from .metrics import Metrics
+from .schema import InputIn, PredictRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,67 +58,6 @@ MODEL_TYPE = {
     "creatable": False,
     "internal_only": False,
 }
-
-
-# -- request schema (documentation, validation; unknown fields are ignored as Clarifai's clients send many)
-class Lenient(BaseModel):
-    """A request part that ignores unknown fields (Clarifai's clients send many)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class ImageIn(Lenient):
-    url: str | None = None
-    base64: str | None = Field(None, description="standard base64 of the image bytes")
-
-
-class DataIn(Lenient):
-    image: ImageIn | None = None
-
-
-class InputIn(Lenient):
-    id: str | None = None
-    data: DataIn | None = None
-
-
-class ConceptSelector(Lenient):
-    id: str | None = None
-    name: str | None = None
-
-
-class OutputConfig(Lenient):
-    max_concepts: int | None = Field(None, ge=0)
-    min_value: float | None = Field(None, ge=0.0, le=1.0)
-    select_concepts: list[ConceptSelector] | None = None
-    language: str | None = None
-
-
-class OutputInfo(Lenient):
-    output_config: OutputConfig | None = None
-
-
-class ModelVersionIn(Lenient):
-    id: str | None = None
-    output_info: OutputInfo | None = None
-
-
-class ModelIn(Lenient):
-    id: str | None = None
-    output_info: OutputInfo | None = None
-    model_version: ModelVersionIn | None = None
-
-
-class UserAppId(Lenient):
-    user_id: str | None = None
-    app_id: str | None = None
-
-
-class PredictRequest(Lenient):
-    user_app_id: UserAppId | None = None
-    model_id: str | None = None
-    version_id: str | None = None
-    inputs: list[InputIn] = Field(default_factory=list)
-    model: ModelIn | None = None
 
 
 class StatusError(Exception):
@@ -167,46 +109,6 @@ class ModelEntry:
     def concept_json(self, c, language: str | None = None) -> dict[str, Any]:
         return {"id": c.id, "name": c.display(language), "value": 1.0, "created_at": clarifai.EPOCH,
                 "app_id": self.app_id, "user_id": self.user_id}
-
-
-# -- metrics -----------------------------------------------------------------------------------------
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("localtag_requests", "Requests answered", ["endpoint", "http_status"], registry=r)
-        self.latency = Histogram("localtag_request_seconds", "Request latency", ["endpoint"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.images = Counter("localtag_images", "Images processed", ["outcome"], registry=r)
-        self.batch_size = Histogram("localtag_batch_size", "Images per model batch", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.queue_depth = Gauge("localtag_queue_depth", "Images admitted and not yet answered", registry=r)
-        self.rejected = Counter("localtag_rejected", "Requests refused because the queue was full", registry=r)
-        self.body_readers = Gauge("localtag_body_readers", "Request bodies being read", registry=r)
-        self.timeouts = Counter("localtag_body_timeouts", "Request bodies that did not arrive in time", registry=r)
-
-
-# -- auth --------------------------------------------------------------------------------------------
-def load_keys(settings: Settings) -> list[bytes]:
-    keys = [k.get_secret_value().strip() for k in settings.api_keys]
-    if settings.api_keys_file is not None:
-        lines = settings.api_keys_file.read_text().splitlines()
-        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        if not from_file:
-            raise ValueError(f"{settings.api_keys_file}: no API keys in the file")
-        keys += from_file
-    return [k.encode() for k in keys if k]
-
-
-def parse_authorization(header: str | None) -> str | None:
-    """The token of ``Key <token>`` or ``Bearer <token>`` (scheme in any case), else None."""
-    if not header:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() not in ("key", "bearer") or not token or " " in token:
-        return None
-    return token
 
 
 # -- the service -------------------------------------------------------------------------------------
