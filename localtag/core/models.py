@@ -396,13 +396,8 @@ def build(info: ModelInfo):
     import torch
 
     set_offline(True)
-    cfg = dict(info.model_cfg)
-    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    if "multimodal_cfg" in cfg:
-        cls = open_clip.CoCa
-    try:
-        model = cls(**cfg)
+    try:  # open_clip's own factory reads the folder's open_clip_config.json and picks the class
+        model = open_clip.create_model(f"local-dir:{info.path}", load_weights=False)
     except Exception as e:
         raise ModelError(f"{info.name}: cannot build architecture {info.arch!r}: {e}") from e
     try:
