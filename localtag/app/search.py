@@ -8,7 +8,7 @@ Exact search is one matrix-vector product and a partial sort: at 512 dimensions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -58,10 +58,11 @@ class AnnIndex:
         return m.keys.astype(np.int64), 1.0 - m.distances.astype(np.float32)
 
 
-def groups(matrix: np.ndarray, threshold: float) -> list[list[int]]:
+def groups(matrix: np.ndarray, threshold: float, keep: Callable[[int, int], bool] | None = None
+           ) -> list[list[int]]:
     """Near-duplicate groups: connected components of the rows whose cosine similarity is at least
-    ``threshold`` (blockwise, so memory stays at ``block × N`` floats). Groups of two or more, each
-    sorted, largest first."""
+    ``threshold`` (blockwise, so memory stays at ``block × N`` floats) and that ``keep(i, j)`` confirms.
+    Groups of two or more, each sorted, largest first."""
     n = matrix.shape[0]
     parent = list(range(n))
 
@@ -76,7 +77,7 @@ def groups(matrix: np.ndarray, threshold: float) -> list[list[int]]:
         sims = matrix[start : start + block] @ matrix.T
         rows, cols = np.nonzero(sims >= threshold)
         for r, c in zip(rows + start, cols, strict=True):
-            if c > r:
+            if c > r and (keep is None or keep(int(r), int(c))):
                 a, b = find(int(r)), find(int(c))
                 if a != b:
                     parent[max(a, b)] = min(a, b)
