@@ -38,4 +38,6 @@ def score_groups(groups: list[list[str]], planted: dict[str, str]) -> dict[str, 
     found = sum(any(c in g and o in g for g in groups) for c, o in planted.items())
     pairs = set(planted.items())
     false = sum(not any((a, b) in pairs or (b, a) in pairs for a in g for b in g) for g in groups)
-    return {"found": found, "planted": len(planted), "groups": len(groups), "false_groups": false}
+    linked = sum(len(g) * (len(g) - 1) // 2 for g in groups)  # pairs the groups put together
+    return {"found": found, "planted": len(planted), "groups": len(groups), "false_groups": false,
+            "pair_precision": found / linked if linked else 1.0}

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--dtype", default="i8")
-    ap.add_argument("--expansion-search", type=int, default=64)
+    ap.add_argument("--ef", type=int, nargs="+", default=[64, 256, 1024], help="expansion_search values tried")
     ap.add_argument("--ann-max-rows", type=int, default=100_000, help="skip the ANN build above this (time bound)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -69,13 +69,15 @@ def main() -> None:
             print(f"| {n:,} | usearch HNSW | skipped: build over the time bound (--ann-max-rows) | | | | |")
             continue
         t = time.perf_counter()
-        ann = AnnIndex(args.dim, dtype=args.dtype, expansion_search=args.expansion_search)
+        ann = AnnIndex(args.dim, dtype=args.dtype, expansion_search=args.ef[0])
         ann.add(mat, threads=2)
         build = time.perf_counter() - t
-        p50, p99, found = lat(lambda q, a=ann: a.search(q, 10)[0], queries)
         mem = ann.index.memory_usage / 2**20
-        print(f"| {n:,} | usearch HNSW {args.dtype} M=16 ef={args.expansion_search} | {build:.1f} | {mem:.0f} | "
-              f"{p50:.2f} | {p99:.2f} | {recall_at(found, truth):.3f} |", flush=True)
+        for ef in args.ef:
+            ann.index.expansion_search = ef
+            p50, p99, found = lat(lambda q, a=ann: a.search(q, 10)[0], queries)
+            print(f"| {n:,} | usearch HNSW {args.dtype} M=16 ef={ef} | {build:.1f} | {mem:.0f} | "
+                  f"{p50:.2f} | {p99:.2f} | {recall_at(found, truth):.3f} |", flush=True)
         ann = mat = None
 
 

@@ -1,9 +1,10 @@
 """Vector search over an app's (or a run's, or a cache's) embedding matrix.
 
-Exact search is one matrix-vector product and a partial sort: at 512 dimensions it answers in ~2 ms at
-10k rows and ~60 ms at 1M on 2 cores (bench/bench_search.py, bench/RESULTS.md). Past
-:data:`ANN_FROM` rows, :class:`AnnIndex` (usearch's HNSW) answers instead when usearch is installed
-(extra ``app``). Scores are cosine similarities mapped to [0, 1]: ``(1 + cos) / 2``.
+The app searches exactly: one matrix-vector product and a partial sort (512 dimensions, 2 EPYC cores:
+p50 1.75 ms at 10k rows, 48 ms at 100k; bench/RESULTS.md). :class:`AnnIndex` (usearch's HNSW, extra
+``app``) is what bench/bench_search.py measures against it; it is not wired into the app, because on
+2 cores its build was slow and its recall@10 on random unit vectors low (docs/app.md).
+Scores are cosine similarities mapped to [0, 1]: ``(1 + cos) / 2``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-#: rows from which an ANN index is worth building (measured: exact p50 crosses ~20 ms near 300k rows)
-ANN_FROM = 300_000
 
 
 def to_score(cos: np.ndarray) -> np.ndarray:
@@ -39,7 +37,7 @@ def exact_top(matrix: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | 
 
 
 class AnnIndex:
-    """usearch HNSW over L2-normalised rows (cosine), for matrices past :data:`ANN_FROM` rows."""
+    """usearch HNSW over L2-normalised rows (cosine): the ANN side of bench/bench_search.py."""
 
     def __init__(self, dim: int, *, dtype: str = "f16", connectivity: int = 16, expansion_add: int = 128,
                  expansion_search: int = 64):
