@@ -29,6 +29,20 @@ from .store import STATUS_DESCRIPTIONS, STATUS_FAILED, STATUS_OK, AppStore, NewI
 log = logging.getLogger(__name__)
 
 MAX_INPUTS_PER_CALL = 128
+MAX_PAGE = 1_000_000
+
+
+def _int(value: Any, default: int) -> int:
+    """A pagination number (int or numeric string) → int; anything else is a Clarifai error."""
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, f"{value!r} is not a number") from None
+    if not 0 <= n <= MAX_PAGE:
+        raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, f"{n} is out of range")
+    return n
 
 
 @dataclass
@@ -188,6 +202,7 @@ class AppApi:
 
     def list_inputs(self, app: str, page: int, per_page: int, ids: Sequence[str] = ()) -> tuple[int, dict]:
         per_page = max(1, min(per_page or 20, self.limits.max_per_page))
+        page = min(max(page, 1), MAX_PAGE)
         return self.ok(inputs=[self.input_json(r) for r in self.store.list(app, max(page, 1), per_page, list(ids))])
 
     def count(self, app: str) -> tuple[int, dict]:
@@ -226,6 +241,7 @@ class AppApi:
     def list_concepts(self, app: str, page: int = 1, per_page: int = 128) -> tuple[int, dict]:
         cs = self.store.concepts(app)
         per_page = max(1, min(per_page or 128, self.limits.max_per_page))
+        page = min(max(page, 1), MAX_PAGE)
         cs = cs[(max(page, 1) - 1) * per_page : max(page, 1) * per_page]
         return self.ok(concepts=[{"id": c, "name": n, "value": 1.0, "app_id": app.split("/", 1)[1]} for c, n in cs])
 
@@ -246,9 +262,8 @@ class AppApi:
         searches = _list(body.get("searches")) or ([{"query": body["query"]}] if isinstance(body.get("query"), dict)
                                                    else [])
         pag = _dict(body.get("pagination"))
-        page = int(pag.get("page") or 1)
-        per_page = int(pag.get("per_page") or 20)
         try:
+            page, per_page = _int(pag.get("page"), 1), _int(pag.get("per_page"), 20)
             if per_page > self.limits.max_per_page or page < 1 or per_page < 1:
                 raise ApiError(clarifai.INPUT_INVALID_ARGUMENT,
                                f"pagination: page ≥ 1, 1 ≤ per_page ≤ {self.limits.max_per_page}")
@@ -300,6 +315,8 @@ class AppApi:
             data = _dict(ann.get("data"))
             vecs = []
             text = _dict(data.get("text")).get("raw")
+            if text is not None and not isinstance(text, str):
+                raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "data.text.raw must be a string")
             if text:
                 if len(text) > self.limits.max_text:
                     raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, f"text over {self.limits.max_text} characters")
@@ -312,6 +329,8 @@ class AppApi:
                     raise got
                 vecs.append(got)
             input_id = ann.get("input_id")
+            if input_id is not None and not isinstance(input_id, str):
+                raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "input_id must be a string")
             if input_id:
                 emb = self.store.embedding(app, input_id, self.key)
                 if emb is None:
@@ -345,6 +364,7 @@ class AppApi:
                 match = {i for i, r in recs.items() if _contains(r["metadata"], meta)}
             code = _dict(ann.get("status")).get("code")
             if code:
+                code = _int(code, 0)
                 recs = self.store.records(app, sorted(match))
                 match = {i for i, r in recs.items() if r["status"] == int(code)}
             allowed &= (ids - match) if negate else match
