@@ -124,3 +124,25 @@ def test_app_through_the_official_client(settings, fixture_loaded, cifar21):
         assert body["inputs"][0]["status"]["code"] == 30002 and body["status"]["code"] == 10020
         unauth = httpx.get(f"{server.base}/v2/users/me/apps/photos/inputs/status")
         assert unauth.status_code == 401 and "code" in unauth.json()["status"]
+
+
+def test_app_over_grpc(settings, fixture_loaded, cifar21, tmp_path):
+    from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel as Channel
+
+    s2 = settings.model_copy(update={"grpc_port": 0, "app_dir": tmp_path / "apps"})
+    with LiveServer(s2, fixture_loaded) as server:
+        st = service_pb2_grpc.V2Stub(Channel.get_insecure_grpc_channel(base="127.0.0.1", port=server.grpc_port))
+        inputs = [r.Input(id=f"{c}-{n}", data=r.Data(image=r.Image(base64=p.read_bytes())))
+                  for c in ("ship", "cat") for n, p in enumerate(cifar21[c][:5])]
+        resp = st.PostInputs(s.PostInputsRequest(user_app_id=APP, inputs=inputs), metadata=MD)
+        assert resp.status.code == sc.SUCCESS and len(resp.inputs) == 10
+        assert st.GetInputCount(s.GetInputCountRequest(user_app_id=APP), metadata=MD).counts.processed == 10
+        hits = _search(st, r.Query(ranks=[r.Rank(annotation=r.Annotation(data=r.Data(text=r.Text(raw="ship"))))]),
+                       per_page=5)
+        assert {h.input.id for h in hits} == {f"ship-{n}" for n in range(5)}
+        assert st.DeleteInputs(s.DeleteInputsRequest(user_app_id=APP, ids=["ship-0"]), metadata=MD).status.code \
+            == sc.SUCCESS
+        assert st.GetInput(s.GetInputRequest(user_app_id=APP, input_id="ship-0"), metadata=MD).status.code \
+            == sc.CONN_DOES_NOT_EXIST
+        denied = st.GetInputCount(s.GetInputCountRequest(user_app_id=APP))
+        assert denied.status.code != sc.SUCCESS

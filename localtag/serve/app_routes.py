@@ -10,57 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..app.api import AppApi, Limits
-from ..app.store import AppStore, app_key
+from ..app.api import AppApi
+from ..app.store import app_key
 from ..core import clarifai
-from ..core.cache import cache_key
-from ..core.fetch import fetch
 from ..core.limits import TooLarge, read_capped_async
-from ..core.pipeline import Job
+from .app_service import api_for
 
 router = APIRouter(tags=["app"])
 PREFIXES = ("/v2/users/{user_id}/apps/{app_id}", "/v2")
 
 
-def build_api(svc: Any) -> AppApi:
-    """An :class:`AppApi` over the store in ``settings.resolved_app_dir()`` and the default model."""
-    s = svc.settings
-    entry = svc.default
-    store = AppStore(s.resolved_app_dir(), max_inputs=s.app_max_inputs, max_blob_bytes=s.app_max_blob_bytes)
-    key = cache_key(entry.tagger.info.sha256, **entry.encoder.variant(s.fast_decode))
-
-    def embed_images(datas: list[bytes]) -> list:
-        results = entry.pipeline.run(Job(str(i), d) for i, d in enumerate(datas))
-        return [r.embedding if r.ok else r.error for r in results]
-
-    def embed_text(text: str) -> np.ndarray:
-        return entry.tagger.text.encode([text])[0].numpy().astype(np.float32)
-
-    async def fetch_url(url: str) -> bytes:
-        return await fetch(url, svc.policy)
-
-    return AppApi(store, key, embed_images, embed_text, fetch_url, Limits(max_per_page=s.app_max_per_page),
-                  max_bytes=min(s.max_bytes, s.app_max_blob_bytes))
-
-
-_lock = asyncio.Lock()
-
-
 async def _api(request: Request) -> AppApi:
-    api = getattr(request.app.state, "app_api", None)
-    if api is None:
-        async with _lock:
-            api = getattr(request.app.state, "app_api", None)
-            if api is None:
-                api = await asyncio.to_thread(build_api, request.app.state.service)
-                request.app.state.app_api = api
-    return api
+    return await api_for(request.app.state.service)
 
 
 def _send(result: tuple[int, dict]) -> JSONResponse:
