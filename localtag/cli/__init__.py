@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import app as cli_app
 from . import batch as cli_batch
 from . import directus as cli_directus
 from . import eval as cli_eval
@@ -25,7 +26,7 @@ from . import vocab as cli_vocab
 log = logging.getLogger("localtag")
 
 #: the command modules, in the order ``--help`` lists them
-COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, cli_batch)
+COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, cli_batch, cli_app)
 
 
 def build_parser() -> argparse.ArgumentParser:

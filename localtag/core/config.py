@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     compile: bool = False  # torch.compile the image tower (CUDA batch runs)
     embedding_cache: bool = True  # `tag`/`embed` keep image embeddings in cache_dir for `retag`
 
+    # app store (localtag.app): None = <cache_dir>/apps
+    app_dir: Path | None = None
+    app_max_inputs: int = 1_000_000  # inputs per app
+    app_max_blob_bytes: int = 20_000_000  # bytes of one stored image
+    app_max_per_page: int = 1000  # hits or inputs per page
+
     # server
     host: str = "127.0.0.1"
     port: int = 8080
@@ -158,3 +164,7 @@ class Settings(BaseSettings):
         if model_vocab is not None:
             return model_vocab
         return shipped("vocab.txt")
+
+    def resolved_app_dir(self) -> Path:
+        """Where the app store lives: ``app_dir``, else ``<cache_dir>/apps``."""
+        return Path(self.app_dir) if self.app_dir else Path(self.cache_dir) / "apps"

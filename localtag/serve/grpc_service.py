@@ -18,10 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from clarifai_grpc.grpc.api import service_pb2, service_pb2_grpc
+from clarifai_grpc.grpc.api.status.status_pb2 import BaseResponse
 from google.protobuf import json_format
 from pydantic import ValidationError
 
+from ..app.store import app_key
 from ..core import clarifai
+from .app_service import api_for
 from .schema import DataIn, ImageIn, PredictRequest
 from .service import Service, describe_errors
 
@@ -90,6 +93,64 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
     async def ListModelTypes(self, request, context):  # noqa: N802
         body = self._denied(context) or self.service.list_model_types()[1]
         return _to_proto(body, service_pb2.MultiModelTypeResponse)
+
+    # -- the app (localtag.app.api): requests as Clarifai JSON, answers parsed back -------------------
+    async def _app_call(self, request, context, answer_type, call):
+        if (denied := self._denied(context)) is not None:
+            return _to_proto(denied, answer_type)
+        body = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        app = app_key(request.user_app_id.user_id or None, request.user_app_id.app_id or None)
+        result = call(await api_for(self.service), app, body)
+        _, out = await result if hasattr(result, "__await__") else result
+        return _to_proto(out, answer_type)
+
+    async def PostInputs(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiInputResponse,
+                                    lambda api, app, body: api.post_inputs(app, body))
+
+    async def GetInput(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.SingleInputResponse,
+                                    lambda api, app, body: api.get_input(app, request.input_id))
+
+    async def ListInputs(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiInputResponse, lambda api, app, body:
+                                    api.list_inputs(app, request.page or 1, request.per_page or 20, list(request.ids)))
+
+    async def PatchInputs(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiInputResponse,
+                                    lambda api, app, body: api.patch_inputs(app, body))
+
+    async def DeleteInput(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, BaseResponse,
+                                    lambda api, app, body: api.delete_inputs(app, [request.input_id]))
+
+    async def DeleteInputs(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, BaseResponse,
+                                    lambda api, app, body: api.delete_inputs(app, list(request.ids)))
+
+    async def GetInputCount(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.SingleInputCountResponse,
+                                    lambda api, app, body: api.count(app))
+
+    async def PostInputsSearches(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiSearchResponse,
+                                    lambda api, app, body: api.search(app, body))
+
+    async def PostAnnotationsSearches(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiSearchResponse,
+                                    lambda api, app, body: api.search(app, body, annotations=True))
+
+    async def PostSearches(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiSearchResponse,
+                                    lambda api, app, body: api.search(app, body))
+
+    async def ListConcepts(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiConceptResponse, lambda api, app, body:
+                                    api.list_concepts(app, request.page or 1, request.per_page or 128))
+
+    async def PostConcepts(self, request, context):  # noqa: N802
+        return await self._app_call(request, context, service_pb2.MultiConceptResponse,
+                                    lambda api, app, body: api.post_concepts(app, body))
 
 
 #: the server pings a client quiet this long, and drops it without an answer within KEEPALIVE_TIMEOUT_MS

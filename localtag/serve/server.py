@@ -36,7 +36,7 @@ from ..core.errors import ImageError
 from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
 from ..core.scorer import Picking
-from . import flow_route, logthrottle
+from . import app_routes, flow_route, logthrottle
 from .auth import load_keys
 from .budgets import Full, Holding
 from .metrics import Metrics
@@ -555,6 +555,7 @@ def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["ops"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"], tags=["ops"])
     app.include_router(flow_route.router)
+    app.include_router(app_routes.router)
     app.openapi = _openapi(app)
     app.add_middleware(PathAndMetricsMiddleware, metrics=metrics, max_header_bytes=settings.max_header_bytes)
     logthrottle.install()

@@ -1,0 +1,1 @@
+"""The app wing: an offline Clarifai app (inputs, annotations, embeddings) on disk, and its search."""
