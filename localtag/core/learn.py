@@ -4,8 +4,8 @@ Per concept, L2-regularised logistic regression on ``(embedding, positive?)`` pa
 
     minimise  Σᵢ log(1 + e^{zᵢ}) − yᵢ·zᵢ  +  λ/2 · |w − w₀|²  +  λ_b/2 · (b − b₀)²,   zᵢ = w·xᵢ + b
 
-by damped Newton steps (float64, a Cholesky solve of the [D+1, D+1] Hessian; a few to a few dozen
-steps). ``w₀, b₀`` is the prior: for a concept the model's vocabulary knows by name, its zero-shot
+by damped Newton steps (float64; each step solved by conjugate gradients on Hessian-vector products;
+a few to a few dozen steps). ``w₀, b₀`` is the prior: for a concept the model's vocabulary knows by name, its zero-shot
 ``binary`` scorer (``w₀ = s·(t − n)``: the logit scale times the concept's text embedding minus the
 neutral prompt's), so with no examples the head *is* the zero-shot scorer, 1–4 examples move it a
 little, and many examples dominate (the data term grows with the examples, the prior does not).
@@ -54,8 +54,7 @@ MIN_NEGATIVES = 2
 LAMBDA = 0.3  # bench/bench_learn.py: the best of 0.03-3 on CIFAR-10 for both with and without a prior
 LAMBDA_BIAS = 1e-2
 NEWTON_STEPS = 100
-CG_FROM_DIM = 200  # wider embeddings solve Newton steps by conjugate gradients
-CG_STEPS = 200
+CG_STEPS = 200  # conjugate-gradient steps per Newton step (at most)
 FOLDS = 3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -181,13 +180,10 @@ def fit_probe(X: np.ndarray, y: np.ndarray, *, w0: np.ndarray | None = None, b0:
 
 
 def _newton_step(X1: np.ndarray, s: np.ndarray, reg: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """``H⁻¹ g`` for ``H = X1ᵀ diag(s) X1 + diag(reg)``: a direct solve for narrow embeddings, else
-    conjugate gradients on Hessian-vector products (O(n·D) each instead of O(n·D²) for H itself)."""
-    n, d = X1.shape
-    if d <= CG_FROM_DIM:
-        H = (X1 * s[:, None]).T @ X1
-        H[np.diag_indices_from(H)] += reg
-        return np.linalg.solve(H, g)
+    """``H⁻¹ g`` for ``H = X1ᵀ diag(s) X1 + diag(reg)`` by (Jacobi-preconditioned) conjugate gradients on
+    Hessian-vector products: O(n·D) each instead of O(n·D²) for H itself (measured 4-36× faster than
+    forming H and solving, at 64 and 512 dimensions, to the same optimum)."""
+    d = X1.shape[1]
     precond = 1.0 / ((X1 * X1).T @ s + reg)  # Jacobi
     x = np.zeros(d)
     r = g.copy()
