@@ -18,6 +18,7 @@ from . import app as cli_app
 from . import batch as cli_batch
 from . import directus as cli_directus
 from . import eval as cli_eval
+from . import learn as cli_learn
 from . import models as cli_models
 from . import serve as cli_serve
 from . import tag as cli_tag
@@ -26,7 +27,7 @@ from . import vocab as cli_vocab
 log = logging.getLogger("localtag")
 
 #: the command modules, in the order ``--help`` lists them
-COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, cli_batch, cli_app)
+COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, cli_learn, cli_batch, cli_app)
 
 
 def build_parser() -> argparse.ArgumentParser:

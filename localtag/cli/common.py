@@ -37,6 +37,14 @@ def add_model_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = N
             p.add_argument(flag, dest=dest, **{"default": None, **kwargs})
 
 
+def add_head_flags(p: argparse.ArgumentParser) -> None:
+    """A learnt head (``localtag learn``) to score with instead of the vocabulary (docs/learn.md)."""
+    p.add_argument("--model-head", dest="model_head", metavar="NAME",
+                   help="score with a learnt head: its name in --heads-dir, or a .npz file (env LOCALTAG_MODEL_HEAD)")
+    p.add_argument("--heads-dir", dest="heads_dir", type=Path,
+                   help="folder of learnt heads (env LOCALTAG_HEADS_DIR; default ~/.local/share/localtag/heads)")
+
+
 def add_directus_flags(p: argparse.ArgumentParser) -> None:
     """Where Directus is, and its static token (better from the environment, out of `ps`)."""
     p.add_argument("--directus-url", dest="directus_url", help="Directus base URL (env LOCALTAG_DIRECTUS_URL)")

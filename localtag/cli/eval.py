@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import add_model_flags, add_progress_flag, progress, settings_from
+from .common import add_head_flags, add_model_flags, add_progress_flag, progress, settings_from
 
 if TYPE_CHECKING:
     import numpy as np
@@ -170,6 +170,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "operating thresholds and the calibration error (see localtag.core.evaluate).")
     _common(e)
     e.add_argument("--no-calibration", action="store_true", help="evaluate the uncalibrated values")
+    add_head_flags(e)
     e.add_argument("--rows", type=int, default=20, help="concepts shown in the table, worst first (0: all)")
     e.add_argument("--pr-curves", type=Path, metavar="PNG",
                    help="write precision-recall curves of the worst concepts (needs matplotlib)")

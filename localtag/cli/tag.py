@@ -7,7 +7,14 @@ import json
 import logging
 from pathlib import Path
 
-from .common import add_model_flags, add_output_flags, add_progress_flag, progress, settings_from
+from .common import (
+    add_head_flags,
+    add_model_flags,
+    add_output_flags,
+    add_progress_flag,
+    progress,
+    settings_from,
+)
 
 log = logging.getLogger("localtag")
 
@@ -99,6 +106,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep image embeddings in the cache folder for `retag` (default on)")
     add_model_flags(t)
+    add_head_flags(t)
     t.set_defaults(func=cmd_tag)
 
     e = sub.add_parser("embed", help="write L2-normalised image embeddings to a .npy file")
@@ -117,4 +125,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--embed-missing", action="store_true",
                    help="run the image model on files that are not cached (default: report them as errors)")
     add_model_flags(r)
+    add_head_flags(r)
     r.set_defaults(func=cmd_retag)

@@ -40,6 +40,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "localtag"
 
 
+def default_heads_dir() -> Path:
+    """Learnt heads are data a person made (not a cache): ``~/.local/share/localtag/heads``."""
+    return Path.home() / ".local" / "share" / "localtag" / "heads"
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a bad value (an API key, a token) is never echoed in an error message
     model_config = SettingsConfigDict(env_prefix="LOCALTAG_", extra="ignore", hide_input_in_errors=True)
@@ -51,6 +56,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # the image tower's (localtag.core.precision)
+    # learnt concepts (localtag.core.learn, docs/learn.md): where `learn` stores heads, and the head to score with
+    heads_dir: Path = Field(default_factory=default_heads_dir)
+    model_head: str | None = None  # a head name in heads_dir or a .npz path: it replaces the vocabulary
 
     # scoring
     scoring: str = "binary"

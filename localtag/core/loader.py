@@ -45,6 +45,10 @@ def load(settings: Settings, *, verify: bool = True) -> Loaded:
                            precision=settings.precision, compile=settings.compile, batch_size=settings.batch_size,
                            max_pixels=settings.max_pixels, max_bytes=settings.max_bytes, model_key=info.sha256,
                            cache_dir=settings.cache_dir)
+    if settings.model_head:
+        from . import learn
+
+        tagger.use_head(learn.load(learn.head_path(settings.heads_dir, settings.model_head)))
     return Loaded(tagger, encoder)
 
 

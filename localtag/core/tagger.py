@@ -44,6 +44,7 @@ class Tagger:
             raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
         self.info = info
         self.vocab = vocab
+        self.head: Any = None  # a learnt head that replaced the vocabulary (use_head)
         self.device = pick_device(device)
         self.model = model if model is not None else model_store.build(info).to(self.device)
         self.text = TextIndex(info, vocab, self.model, self.device, cache_dir=cache_dir, templates=templates)
@@ -53,6 +54,14 @@ class Tagger:
         self.scorer = Scorer(vocab, self.text.embeddings, scoring=scoring,
                              logit_scale=float(self.model.logit_scale.exp().clamp(1, 100).item()),
                              logit_bias=float(bias.item()) if bias is not None else None, calibration=calibration)
+
+    def use_head(self, head: Any) -> None:
+        """Score with a learnt :class:`~localtag.core.learn.Head` instead of the vocabulary (refused when it
+        was trained on another CLIP model)."""
+        head.check(self.info.sha256, self.info.name)
+        self.scorer = head.scorer()
+        self.vocab = self.scorer.vocab
+        self.head = head
 
     # -- what it is ------------------------------------------------------------------------------------
     @property
