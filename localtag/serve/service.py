@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..core import clarifai, decode, errors, memory
+from ..core import clarifai, decode, errors, languages, memory
 from ..core.config import Settings
 from ..core.encoder import ImageEncoder
 from ..core.errors import ImageError
@@ -374,7 +374,10 @@ class Service:
                 if not select:
                     raise SelectError("select_concepts entries need an id or a name")
             if c.language:
-                opts.language = c.language
+                try:
+                    opts.language = languages.check(c.language)
+                except ValueError as e:
+                    raise SelectError(str(e)) from None
         opts.select = entry.tagger.select_indices(select) if select else None
         return opts
 
