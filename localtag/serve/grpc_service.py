@@ -1,6 +1,6 @@
 """Clarifai's gRPC ``V2`` service on the classes ``clarifai-grpc`` ships, over the same :class:`Service`.
 
-Implemented: ``PostModelOutputs``, ``GetModel``, ``GetModelType``, ``ListModelTypes``,
+Implemented: ``PostModelOutputs``, ``ListModels``, ``GetModel``, ``GetModelType``, ``ListModelTypes``,
 ``GetModelOutputInfo`` and ``ListModelConcepts``. As on Clarifai's servers, errors travel in
 ``response.status``; the gRPC status stays OK. The servicer runs on the REST server's event loop
 (``grpc.aio``), so both share the models, the batcher and the admission queue.
@@ -81,6 +81,10 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         body = self._denied(context) or self.service.list_concepts(request.model_id, request.page,
                                                                     request.per_page)[1]
         return _to_proto(body, service_pb2.MultiConceptResponse)
+
+    async def ListModels(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.list_models()[1]
+        return _to_proto(body, service_pb2.MultiModelResponse)
 
     async def GetModelType(self, request, context):  # noqa: N802
         body = self._denied(context) or self.service.get_model_type(request.model_type_id)[1]

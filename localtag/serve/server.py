@@ -38,6 +38,7 @@ from ..core.loader import Loaded
 from ..core.scorer import Picking
 from . import flow_route, logthrottle
 from .budgets import Full, Holding
+from .family import Family
 from .service import (
     Metrics,
     Overloaded,
@@ -65,6 +66,7 @@ MODEL_TYPES_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types", "/v2/mode
 MODEL_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/{model_id}", "/v2/models/{model_id}",
                "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}",
                "/v2/models/{model_id}/versions/{version_id}")
+MODELS_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models", "/v2/users/{user_id}/models", "/v2/models")
 OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
 CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
 
@@ -308,6 +310,10 @@ async def list_concepts(request: Request):
     return _answer(_service(request).list_concepts(request.path_params["model_id"], page, per_page))
 
 
+async def list_models(request: Request):
+    return _authorized(request) or _answer(_service(request).list_models())
+
+
 async def get_model_type(request: Request):
     return _authorized(request) or _answer(_service(request).get_model_type(request.path_params["model_type_id"]))
 
@@ -460,6 +466,7 @@ def _clarifai_routes(app: FastAPI) -> None:
     routes += [("GET", p, list_concepts, {"parameters": [_query("page", "integer"), _query("per_page", "integer")]})
                for p in CONCEPTS_PATHS]
     routes += [("GET", p, get_model, {}) for p in MODEL_PATHS]
+    routes += [("GET", p, list_models, {}) for p in MODELS_PATHS]
     for method, path, fn, extra in routes:
         op_id = fn.__name__ + "_" + re.sub(r"\W+", "_", path.strip("/"))
         openapi = {"parameters": _path_params(path) + extra.pop("parameters", []), **extra}
@@ -506,6 +513,9 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
             await asyncio.to_thread(lambda e=e: e.tagger.text_embeddings)  # warm the text side once
             e.batcher.start()
         service = Service(settings, entries, keys, metrics)
+        service.family = Family(service.default, settings, on_batch=metrics.batch_size.observe)
+        await asyncio.to_thread(service.family.warm)
+        service.family.embedder.start()
         app.state.service = service
         grpc_server = None
         if settings.grpc_port is not None:
@@ -527,6 +537,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
                 await grpc_server.stop(grace=1.0)
             for e in unique:
                 await e.batcher.stop()
+            await service.family.embedder.stop()
             service.decoder.shutdown()
 
     return lifespan
