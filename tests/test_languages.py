@@ -85,11 +85,11 @@ def live(fixture_model, fixture_loaded, cache_dir):
         yield server
 
 
-def _predict(stub, cat: bytes, language: str):
+def _predict(stub, cat: bytes, language: str, model_id: str = "general-image-recognition"):
     cfg = resources_pb2.OutputConfig(language=language, max_concepts=3)
     model = resources_pb2.Model(output_info=resources_pb2.OutputInfo(output_config=cfg))
     return stub.PostModelOutputs(service_pb2.PostModelOutputsRequest(
-        model_id="general-image-recognition", model=model,
+        model_id=model_id, model=model,
         inputs=[resources_pb2.Input(data=resources_pb2.Data(image=resources_pb2.Image(base64=cat)))]), metadata=MD)
 
 
@@ -118,3 +118,24 @@ def test_tag_cli_language(fixture_model, cache_dir, cat, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "localtag", "tag", str(tmp_path / "cat.jpg"), "--language", "xx",
                           "--model", str(fixture_model)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "not one of" in bad.stderr
+
+
+def test_family_vocabularies_are_named_in_23_languages():
+    from localtag.core.config import shipped
+    from localtag.core.family import shipped_vocabularies
+
+    for name in shipped_vocabularies():
+        v = vocab_mod.load(shipped(name))
+        for code in languages.LANGUAGES:
+            shown = [c.display(code) for c in v]
+            assert code == "en" or all(code in c.names for c in v), (name, code)
+            assert len({s.casefold() for s in shown}) == len(shown), (name, code)
+    mod = vocab_mod.load(shipped("moderation.txt"))
+    assert mod[mod.index("safe")].display("de") == "unbedenklich"  # not vocab.txt's safe (a strongbox)
+
+
+def test_nsfw_model_answers_in_german(live, cat):
+    stub = service_pb2_grpc.V2Stub(ClarifaiChannel.get_json_channel(base_url=live.base))
+    r = _predict(stub, cat, "de", model_id="nsfw-recognition")
+    assert r.status.code == sc.SUCCESS, r.status
+    assert {c.name for c in r.outputs[0].data.concepts} == {"jugendfrei", "nicht jugendfrei"}
