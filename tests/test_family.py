@@ -127,3 +127,18 @@ def test_list_models_and_output_info(stub):
                 c.name for c in vocab_mod.load(shipped(m.vocab))}
     missing = stub.GetModel(service_pb2.GetModelRequest(model_id="no-such-model"), metadata=MD)
     assert missing.status.code == sc.MODEL_DOES_NOT_EXIST
+
+
+def test_image_properties(stub):
+    a = np.zeros((60, 120, 3), np.uint8)
+    a[:, 60:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    r = predict(stub, "image-properties", buf.getvalue(), half_red_half_blue())
+    assert r.status.code == sc.SUCCESS, r.status
+    bw, rb = (dict(o.data.metadata) for o in r.outputs)
+    assert bw["brightness"] == pytest.approx(0.5, abs=0.02) and bw["contrast"] == pytest.approx(1.0, abs=0.01)
+    assert {c["name"] for c in bw["simplified_colors"]} == {"black", "white"}
+    assert {c["name"] for c in rb["simplified_colors"]} == {"red", "blue"}
+    assert sum(c["value"] for c in rb["simplified_colors"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= rb["sharpness"] <= 1.0 and rb["contrast"] < bw["contrast"]

@@ -2,7 +2,8 @@
 
 Every concept model is a vocabulary shipped in ``localtag/data/`` scored on the one CLIP model the
 server loads (one image embedding serves them all); ``general`` is the configured vocabulary itself.
-``embedding`` answers the image embedding, ``color`` dominant colours from the pixels.
+``embedding`` answers the image embedding, ``color`` dominant colours from the pixels,
+``image-properties`` (localtag's own) brightness, sharpness, contrast and 12 simplified colours.
 Ids: the legacy v2 ids (as the npm ``clarifai`` client's constants name them) and today's string ids.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CONCEPTS, EMBEDDING, COLOR = "concepts", "embedding", "color"
+CONCEPTS, EMBEDDING, COLOR, PROPERTIES = "concepts", "embedding", "color", "properties"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ FAMILY: tuple[FamilyModel, ...] = (
                 "General Image Embedding", EMBEDDING, model_type_id="visual-embedder", output_field="embeddings"),
     FamilyModel("color", "color-recognition", "eeed0b6733a644cea07cf4c60f87ebb7", "Color Recognition", COLOR,
                 model_type_id="color-recognizer", output_field="colors"),
+    # localtag's own (Rekognition's extras; no Clarifai id): brightness, sharpness, contrast, 12 colour names
+    FamilyModel("image-properties", "image-properties", "image-properties", "Image Properties", PROPERTIES,
+                model_type_id="image-properties", output_field="metadata"),
 )
 
 _BY_ID = {i: m for m in FAMILY for i in (m.id, m.legacy_id, m.key)}

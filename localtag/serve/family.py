@@ -25,6 +25,7 @@ from ..core.colors import Color, dominant_colors
 from ..core.config import shipped
 from ..core.errors import ImageError
 from ..core.fetch import fetch
+from ..core.properties import Properties, properties
 from ..core.scorer import Picking
 from ..core.tagger import SelectError, Tagger
 from .batcher import Batcher
@@ -50,6 +51,7 @@ class Analysis:
 
     embedding: np.ndarray | None
     colors: list[Color] | None
+    properties: Properties | None = None
 
 
 class FamilyEntry:
@@ -113,7 +115,7 @@ class Family:
     # -- one image, once ---------------------------------------------------------------------------
     async def analyse(self, svc: Any, *, url: str | None = None, b64: str | bytes | None = None,
                       data: bytes | None = None, budget: RequestPixels | None = None, embed: bool = True,
-                      colors: bool = False) -> Analysis:
+                      colors: bool = False, props: bool = False) -> Analysis:
         """Fetch, decode (once), then embed with the shared encoder and/or find the colours."""
         budget = budget or RequestPixels(self.settings.max_request_pixels)
         entry = self.default
@@ -127,27 +129,28 @@ class Family:
         if not budget.take(cost):
             raise ImageError(errors.TOO_MANY_PIXELS,
                              f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
-        tensor, cols, error = await svc.decoder.run(budget, self._prepare, data, svc._draft(entry), embed, colors,
-                                                    cost=cost)
+        tensor, cols, found, error = await svc.decoder.run(budget, self._prepare, data, svc._draft(entry), embed,
+                                                           colors, props, cost=cost)
         if cost >= 16_000_000:
             await svc.decoder.run(budget, memory.trim)
         if error is not None:
             raise error
         embedding = await self.embedder.submit(tensor) if embed else None
-        return Analysis(embedding, cols)
+        return Analysis(embedding, cols, found)
 
-    def _prepare(self, data: bytes, draft: int, embed: bool, colors: bool):
-        """On a decode thread: bytes → (the model's tensor, the colours, an ImageError)."""
+    def _prepare(self, data: bytes, draft: int, embed: bool, colors: bool, props: bool):
+        """On a decode thread: bytes → (the model's tensor, the colours, the properties, an ImageError)."""
         try:
             img = decode.decode(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes,
                                 draft=draft)
             tensor = self.default.pipeline.pre.tensor(img) if embed else None
-            return tensor, dominant_colors(img) if colors else None, None
+            cols = dominant_colors(img) if colors or props else None
+            return tensor, cols, properties(img, cols) if props else None, None
         except ImageError as e:
-            return None, None, e
+            return None, None, None, e
         except Exception as e:  # noqa: BLE001 - a bug, told as one (traceback logged), this input alone
             log.error("preparing an image failed: internal error", exc_info=e)
-            return None, None, ImageError(errors.INTERNAL, f"internal error ({type(e).__name__})")
+            return None, None, None, ImageError(errors.INTERNAL, f"internal error ({type(e).__name__})")
 
     # -- outputs -----------------------------------------------------------------------------------
     def data_of(self, entry: Any, analysis: Analysis, picking: Picking) -> dict[str, Any]:
@@ -158,6 +161,8 @@ class Family:
             return {"embeddings": [{"vector": [float(x) for x in vec], "num_dimensions": int(vec.shape[0])}]}
         if kind == fam.COLOR:
             return {"colors": [c.to_json() for c in analysis.colors or ()]}
+        if kind == fam.PROPERTIES:
+            return {"metadata": analysis.properties.to_json()}
         scorer = entry.tagger.scorer
         tags = scorer.tags_of_values(entry.tagger.values(analysis.embedding[None]), picking)[0]
         return {"concepts": [clarifai.concept_json(t, entry.app_id, entry.user_id) for t in tags]}
@@ -201,7 +206,8 @@ class Family:
         kinds = {e.model.kind if isinstance(e, FamilyEntry) else fam.CONCEPTS for _, e, _ in models}
         try:
             analysis = await self.analyse(svc, url=url, b64=b64, budget=budget,
-                                          embed=bool(kinds - {fam.COLOR}), colors=fam.COLOR in kinds)
+                                          embed=bool(kinds - {fam.COLOR, fam.PROPERTIES}), colors=fam.COLOR in kinds,
+                                          props=fam.PROPERTIES in kinds)
         except (ImageError, StatusError) as e:
             svc.metrics.images.labels("error").inc()
             status = (clarifai.image_error_status(e) if isinstance(e, ImageError)
