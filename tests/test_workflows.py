@@ -4,6 +4,8 @@ input encoded once; stored workflows survive a restart; errors are Clarifai stat
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import numpy as np
 import pytest
@@ -94,6 +96,11 @@ def test_workflow_general_color_nsfw(fixture_model, fixture_loaded, tmp_path, ca
         too_many = stub.PostWorkflowResults(service_pb2.PostWorkflowResultsRequest(
             workflow_id="General", inputs=_inputs(*[cat] * 33)), metadata=MD)
         assert too_many.status.code == sc.CONN_INVALID_REQUEST and "32" in too_many.status.details
+        for path in ("/v2/users/me/apps/main/workflows/General/results",
+                     "/v2/users/clarifai/apps/main/workflows/General/versions/general/results"):
+            rest = httpx.post(live.base + path, headers={"authorization": f"Key {KEY}"}, timeout=60,
+                              json={"inputs": [{"data": {"image": {"base64": base64.b64encode(cat).decode()}}}]})
+            assert rest.status_code == 200 and len(rest.json()["results"][0]["outputs"]) == 2, rest.text[:300]
         raw = httpx.post(f"{live.base}/v2/users/me/apps/main/workflows", content=b"{not json",
                          headers={"authorization": f"Key {KEY}"})
         assert raw.status_code == 400 and raw.json()["status"]["code"] == 11100
