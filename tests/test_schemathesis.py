@@ -12,7 +12,7 @@ from live_server import LiveServer
 from localtag.core.config import Settings
 from localtag.core.loader import load
 
-EXAMPLES = {"POST": 15, "GET": 6}  # per operation and mode; ~30 operations
+EXAMPLES = {"POST": 15, "GET": 6, "DELETE": 6}  # per operation and mode; ~50 operations
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_no_server_errors(live):
     assert len(operations) >= 25
     # valid requests for every operation; requests that break the schema on purpose for the POSTs (a GET's
     # string path parameters can hardly be broken, and trying costs more than it finds)
-    modes = {"POST": list(schemathesis.GenerationMode), "GET": [schemathesis.GenerationMode.POSITIVE]}
+    modes = {"POST": list(schemathesis.GenerationMode), "GET": [schemathesis.GenerationMode.POSITIVE],
+             "DELETE": [schemathesis.GenerationMode.POSITIVE]}
     strategies = [(op.as_strategy(mode), mode, EXAMPLES[op.method.upper()])
                   for op in operations for mode in modes[op.method.upper()]]
     for strategy, mode, examples in strategies:
