@@ -40,7 +40,8 @@ def test_build_vocab_check_passes_and_reports_coverage():
     r = subprocess.run([sys.executable, "tools/vocab/build_vocab.py", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
-    assert "zh-TW   3604/3604 (100.0 %)" in r.stdout and r.stdout.rstrip().endswith("OK")
+    assert "zh-TW   3604/3604 (100.0 %)" in r.stdout and "\nOK\n" in r.stdout and "ERROR" not in r.stdout
+    assert "moderation.txt: 5 concepts, named in 22/22 languages" in r.stdout
 
 
 def test_coverage_check_fails_below_99_percent(tmp_path):
