@@ -187,3 +187,18 @@ def test_npm_client(npm_client, live, web, cat):
     assert len(concepts) == 2 and concepts[0]["name"] == "cat"
     r = _node(live.base, "wrong-key", GENERAL, f"{web.base}/img/cat.jpg")
     assert not r["ok"] and r["http_status"] == 401 and r["body"]["status"]["code"] == 11008
+
+
+def test_npm_client_family_constants(npm_client, live, web):
+    """The npm client's own constants for Clarifai's other public models reach their local stand-ins."""
+    fields = {"COLOR_MODEL": "colors", "GENERAL_EMBED_MODEL": "embeddings", "NSFW_MODEL": "concepts",
+              "MODERATION_MODEL": "concepts", "FOOD_MODEL": "concepts", "TRAVEL_MODEL": "concepts",
+              "APPAREL_MODEL": "concepts", "WEDDINGS_MODEL": "concepts"}
+    for constant, field in fields.items():
+        r = _node(live.base, KEY, constant, f"{web.base}/img/cat.jpg")
+        assert r["ok"], (constant, r)
+        out = r["response"]["outputs"][0]
+        assert out["status"]["code"] == 10000 and out["data"][field], (constant, out)
+    r = _node(live.base, KEY, "MODERATION_MODEL", f"{web.base}/img/cat.jpg")
+    names = {c["name"] for c in r["response"]["outputs"][0]["data"]["concepts"]}
+    assert names == {"safe", "suggestive", "explicit", "drug", "gore"}

@@ -15,6 +15,8 @@ import pytest
 from cli_run import run_cli
 from conftest import CIFAR_CLASSES, COCO_DIR
 
+from localtag.core import vocab as vocab_mod
+
 
 def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real entry point, as a separate process."""
@@ -30,8 +32,7 @@ def test_tag_coco_json_all_128(fixture_model, cache_dir):
     assert doc["status"]["code"] == 10000 and doc["status"]["description"] == "Ok"
     outs = doc["outputs"]
     assert len(outs) == 128
-    names = {c for line in (fixture_model / "vocab.txt").read_text().splitlines()
-             if (c := line.strip()) and not c.startswith("#")}
+    names = {c.name for c in vocab_mod.load(fixture_model / "vocab.txt")}
     for o in outs:
         assert o["status"]["code"] == 10000
         assert re.fullmatch(r"[0-9a-f]{32}", o["id"])

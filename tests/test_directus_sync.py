@@ -308,3 +308,17 @@ def test_ctrl_c_and_a_killed_directus_lose_nothing_and_duplicate_nothing(directu
     assert runs.count(first.run) >= first.tagged and runs.count(second.run) >= second.tagged
     for f in ids:
         assert_consistent(rows[f], person[f])
+
+
+def test_sync_language_writes_german_tags(capsys, directus, client, settings, cifar_test):
+    """`directus sync --language de` (a German site): the cat is tagged "Katze", not "cat"."""
+    if settings.vocab is not None:
+        pytest.skip("needs the CIFAR fixture model (its vocabulary names the classes in German)")
+    marker = f"lang-{uuid.uuid4().hex[:8]}"
+    file_id = client.upload(cifar_test["cat"][0].read_bytes(), "katze.jpg", title=marker)["id"]
+    argv = ["directus", "sync", "--directus-url", directus.url, f"--token={directus.token}",
+            "--filter", json.dumps({"title": {"_eq": marker}}), "--max-concepts", "1", "--min-value", "0",
+            "--language", "de", *model_args(settings)]
+    assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    row = client.files_by_id([file_id], ["tags", PROVENANCE_FIELD])[file_id]
+    assert row["tags"] == ["Katze"], row

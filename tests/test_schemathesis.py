@@ -12,7 +12,7 @@ from live_server import LiveServer
 from localtag.core.config import Settings
 from localtag.core.loader import load
 
-EXAMPLES = {"POST": 15, "GET": 6, "PATCH": 6, "DELETE": 6}  # per operation and mode; ~30 operations
+EXAMPLES = {"POST": 15, "GET": 6, "PATCH": 6, "DELETE": 6}  # per operation and mode; ~50 operations
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,8 @@ def test_tampered_file_is_refused_and_reported(model_with_vocab, caplog):
 
 
 def test_cli_import_stores_the_model_vocab_with_a_bar(tmp_path, monkeypatch):
-    """`models import` encodes the shipped vocab.txt and the model's own; here the shipped one is swapped
-    for a small file to keep the test short (``shipped`` points at a folder of the test's own)."""
+    """`models import` encodes the shipped vocabularies (vocab.txt, the family's) and the model's own; here the shipped
+    vocab.txt is swapped for a small file to keep the test short."""
     import localtag.core.config as config
 
     ckpt = make_random_checkpoint(tmp_path / "ckpt" / "tiny-cli", seed=4)
@@ -95,13 +95,18 @@ def test_cli_import_stores_the_model_vocab_with_a_bar(tmp_path, monkeypatch):
     fake_root = tmp_path / "root"
     fake_root.mkdir()
     (fake_root / "vocab.txt").write_text("".join(f"thing {i}\n" for i in range(120)))  # 600 prompts: a bar
-    monkeypatch.setattr(config, "shipped", lambda name: fake_root / name)
+    real_shipped = config.shipped
+    monkeypatch.setattr(config, "shipped", lambda name: fake_root / name if name == "vocab.txt" else real_shipped(name))
     from localtag import cli
 
     code = cli.main(["models", "import", str(ckpt), "--models-dir", str(tmp_path / "store"), "--progress"])
     assert code == 0
     info = ModelStore(tmp_path / "store").resolve("tiny-cli")
-    assert sorted(e["concepts"] for e in text_store.entries(info)) == [2, 120]
+    from localtag.core import vocab as vocab_mod
+    from localtag.core.family import shipped_vocabularies
+
+    family = [len(vocab_mod.load(real_shipped(n))) for n in shipped_vocabularies()]  # nsfw, moderation, food, …
+    assert sorted(e["concepts"] for e in text_store.entries(info)) == sorted([2, 120, *family])
     shutil.rmtree(tmp_path / "store")
     assert cli.main(["models", "import", str(ckpt), "--models-dir", str(tmp_path / "store"), "--no-text"]) == 0
     assert text_store.entries(ModelStore(tmp_path / "store").resolve("tiny-cli")) == []

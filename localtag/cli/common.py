@@ -60,6 +60,8 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concepts", dest="max_concepts", type=int)
     p.add_argument("--min-value", dest="min_value", type=float)
     p.add_argument("--select", nargs="+", help="report only these concept names or ids")
+    p.add_argument("--language", help="concept names in this language: one of Clarifai's 23 codes (de, fr, "
+                   "zh-TW, …; env LOCALTAG_LANGUAGE; default English)")
     add_progress_flag(p)
 
 

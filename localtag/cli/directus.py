@@ -175,6 +175,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how long to wait for an unreachable Directus (a restart) before stopping, pinging "
                    f"with backoff (default {Settings.model_fields['directus_retry_window'].default:g}, env "
                    "LOCALTAG_DIRECTUS_RETRY_WINDOW; 0: stop at once)")
+    s.add_argument("--language", dest="directus_language",
+                   help="write tags in this language, one of Clarifai's 23 codes (de, fr, zh-TW, …; env "
+                   "LOCALTAG_DIRECTUS_LANGUAGE; default English)")
     s.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image (default "
                    f"{Settings.model_fields['directus_max_concepts'].default}, env LOCALTAG_DIRECTUS_MAX_CONCEPTS)")
     s.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs (default "

@@ -47,14 +47,17 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def _store_text_embeddings(args: argparse.Namespace, info) -> list[str]:
-    """Text embeddings of the shipped vocab.txt and the model's own, into the model folder."""
+    """Text embeddings of the shipped vocabularies (vocab.txt and the family's: nsfw, moderation, food, …)
+    and the model's own, into the model folder."""
     from ..core import text_store
     from ..core.config import shipped
+    from ..core.family import shipped_vocabularies
     from ..core.loader import precompute_text
 
     if not args.text:
         return []
-    vocabs = [shipped("vocab.txt"), *([info.vocab_path] if info.vocab_path else [])]
+    vocabs = [shipped(name) for name in ("vocab.txt", *shipped_vocabularies())]
+    vocabs += [info.vocab_path] if info.vocab_path else []
     precompute_text(info, [v for v in vocabs if v.is_file()], progress=args.progress)
     return [e["file"] for e in text_store.entries(info)]
 
@@ -104,7 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mv.add_argument("names", nargs="*")
     for sp in (mi, mp):
         sp.add_argument("--text", action=argparse.BooleanOptionalAction, default=True,
-                        help="store the text embeddings of the shipped and the model's vocabulary (default on)")
+                        help="store the text embeddings of the shipped vocabularies (general and the model family) "
+                        "and the model's own (default on)")
         add_progress_flag(sp)
     for sp, fn in ((ml, cmd_models_list), (mi, cmd_models_import), (mp, cmd_models_pull), (mv, cmd_models_verify)):
         sp.add_argument("--models-dir", dest="models_dir", type=Path, default=None)

@@ -29,7 +29,7 @@ def _write(args: argparse.Namespace, settings, tagger, results, total: int, desc
     from ..core.writers import write_tags
 
     select = tagger.scorer.select_indices(args.select) if args.select else None
-    picking = Picking(settings.max_concepts, settings.min_value, select)
+    picking = Picking(settings.max_concepts, settings.min_value, select, settings.language)
     n = write_tags(tagger, progress(results, total, args.progress, desc), fmt=_format(args), picking=picking,
                    chunk=chunk)
     if n.failed:

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     scoring: str = "binary"
     max_concepts: int = 20
     min_value: float = 0.0
+    language: str | None = None  # concept names in one of Clarifai's 23 languages (localtag.core.languages)
 
     # decoding limits
     max_pixels: int = 85_000_000
@@ -128,6 +129,14 @@ class Settings(BaseSettings):
     directus_min_value: float = 0.5
     directus_max_concepts: int = 10
     directus_retry_window: float = 300.0  # seconds `sync` waits for an unreachable Directus to come back
+    directus_language: str | None = None  # the language of the tags `sync` and the flow write (None: English)
+
+    @field_validator("language", "directus_language")
+    @classmethod
+    def _language(cls, v: str | None) -> str | None:
+        from .languages import check
+
+        return check(v)
 
     @field_validator("host", mode="before")
     @classmethod

@@ -361,7 +361,8 @@ class _Sync:
         results = pipe.run(self._jobs({"_and": walk} if walk else None))
         going = itertools.takewhile(lambda _: not self.fetch.stop.is_set(), results)
         with contextlib.closing(results), self.writers:
-            run(going, self, scorer=self.tagger.scorer, picking=Picking(self.max_concepts, self.min_value),
+            run(going, self, scorer=self.tagger.scorer, picking=Picking(self.max_concepts, self.min_value,
+                                                                   language=self.settings.directus_language),
                 chunk=max(1, pipe.batch_size))
         if self.fetch.stop_error is not None:
             raise self.fetch.stop_error

@@ -35,6 +35,7 @@ class Batcher:
         self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localtag-infer")
+        self.images = 0  # images encoded so far
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -96,6 +97,7 @@ class Batcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            self.images += len(batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             for (_, fut), row in zip(batch, values, strict=True):

@@ -37,7 +37,8 @@ def flow_configured(settings: Settings) -> bool:
 
 def make_worker(service: Service, settings: Settings) -> FlowWorker:
     """The flow worker of this server: it tags with the default model, through the shared batcher."""
-    picking = Picking(settings.directus_max_concepts, settings.directus_min_value)
+    picking = Picking(settings.directus_max_concepts, settings.directus_min_value,
+                      language=settings.directus_language)
 
     async def predict(data: bytes) -> tuple[Tagger, list[Tag]]:
         entry = service.default

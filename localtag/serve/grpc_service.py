@@ -1,6 +1,7 @@
 """Clarifai's gRPC ``V2`` service on the classes ``clarifai-grpc`` ships, over the same :class:`Service`.
 
-Implemented: ``PostModelOutputs``, ``GetModel``, ``GetModelType``, ``ListModelTypes``,
+Implemented: ``PostModelOutputs``, ``ListModels``, the workflow calls (``PostWorkflows``, ``GetWorkflow``,
+``ListWorkflows``, ``DeleteWorkflows``, ``DeleteWorkflow``, ``PostWorkflowResults``), ``GetModel``, ``GetModelType``, ``ListModelTypes``,
 ``GetModelOutputInfo`` and ``ListModelConcepts``. As on Clarifai's servers, errors travel in
 ``response.status``; the gRPC status stays OK. The servicer runs on the REST server's event loop
 (``grpc.aio``), so both share the models, the batcher and the admission queue.
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from clarifai_grpc.grpc.api import service_pb2, service_pb2_grpc
+from clarifai_grpc.grpc.api.status import status_pb2 as status_pb2_base
 from clarifai_grpc.grpc.api.status.status_pb2 import BaseResponse
 from google.protobuf import json_format
 from pydantic import ValidationError
@@ -29,6 +31,10 @@ from .schema import DataIn, ImageIn, PredictRequest
 from .service import Service, describe_errors
 
 log = logging.getLogger(__name__)
+
+
+def _to_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _to_proto(body: dict, message_type):
@@ -85,6 +91,37 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         body = self._denied(context) or self.service.list_concepts(request.model_id, request.page,
                                                                     request.per_page)[1]
         return _to_proto(body, service_pb2.MultiConceptResponse)
+
+    async def ListModels(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.list_models()[1]
+        return _to_proto(body, service_pb2.MultiModelResponse)
+
+    # workflows (localtag.serve.workflows)
+    async def PostWorkflows(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.workflows.post(_to_dict(request))[1]
+        return _to_proto(body, service_pb2.MultiWorkflowResponse)
+
+    async def GetWorkflow(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.workflows.get(request.workflow_id)[1]
+        return _to_proto(body, service_pb2.SingleWorkflowResponse)
+
+    async def ListWorkflows(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.workflows.list(request.page, request.per_page)[1]
+        return _to_proto(body, service_pb2.MultiWorkflowResponse)
+
+    async def DeleteWorkflows(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.workflows.delete(_to_dict(request))[1]
+        return _to_proto(body, status_pb2_base.BaseResponse)
+
+    async def DeleteWorkflow(self, request, context):  # noqa: N802
+        body = self._denied(context) or self.service.workflows.delete({}, request.workflow_id)[1]
+        return _to_proto(body, status_pb2_base.BaseResponse)
+
+    async def PostWorkflowResults(self, request, context):  # noqa: N802
+        if (denied := self._denied(context)) is not None:
+            return _to_proto(denied, service_pb2.PostWorkflowResultsResponse)
+        _, body = await self.service.workflows.results(request.workflow_id, _to_dict(request))
+        return _to_proto(body, service_pb2.PostWorkflowResultsResponse)
 
     async def GetModelType(self, request, context):  # noqa: N802
         body = self._denied(context) or self.service.get_model_type(request.model_type_id)[1]

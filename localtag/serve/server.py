@@ -39,6 +39,7 @@ from ..core.scorer import Picking
 from . import app_routes, flow_route, logthrottle
 from .auth import load_keys
 from .budgets import Full, Holding
+from .family import Family
 from .metrics import Metrics
 from .schema import PredictRequest
 from .service import (
@@ -50,6 +51,7 @@ from .service import (
     parse_json,
     parse_predict,
 )
+from .workflows import Workflows
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,13 @@ MODEL_TYPES_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/types", "/v2/mode
 MODEL_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models/{model_id}", "/v2/models/{model_id}",
                "/v2/users/{user_id}/apps/{app_id}/models/{model_id}/versions/{version_id}",
                "/v2/models/{model_id}/versions/{version_id}")
+MODELS_PATHS = ("/v2/users/{user_id}/apps/{app_id}/models", "/v2/users/{user_id}/models", "/v2/models")
+WORKFLOWS_PATHS = ("/v2/users/{user_id}/apps/{app_id}/workflows", "/v2/users/{user_id}/workflows", "/v2/workflows")
+WORKFLOW_PATHS = ("/v2/users/{user_id}/apps/{app_id}/workflows/{workflow_id}", "/v2/workflows/{workflow_id}")
+WORKFLOW_RESULTS_PATHS = ("/v2/users/{user_id}/apps/{app_id}/workflows/{workflow_id}/versions/{version_id}/results",
+                          "/v2/users/{user_id}/apps/{app_id}/workflows/{workflow_id}/results",
+                          "/v2/workflows/{workflow_id}/versions/{version_id}/results",
+                          "/v2/workflows/{workflow_id}/results")
 OUTPUT_INFO_PATHS = tuple(p + "/output_info" for p in MODEL_PATHS)
 CONCEPTS_PATHS = tuple(p + "/concepts" for p in MODEL_PATHS)
 
@@ -308,6 +317,55 @@ async def list_concepts(request: Request):
     return _answer(_service(request).list_concepts(request.path_params["model_id"], page, per_page))
 
 
+async def _read_json(request: Request, svc: Service) -> Any:
+    """A request body's JSON ({} when empty), or the Response that says why it could not be read."""
+    try:
+        raw = await read_body(request, svc)
+    except (TooLarge, BodyTimeout, Disconnected, Full) as e:
+        return _body_failed(e, svc)
+    try:
+        return await asyncio.to_thread(parse_json, raw) if len(raw) > 256_000 else (parse_json(raw) if raw else {})
+    except StatusError as e:
+        return _json(400, clarifai.error_response(e.code, e.details))
+
+
+async def workflows_route(request: Request):
+    """PostWorkflows, ListWorkflows, DeleteWorkflows (by method), GetWorkflow, DeleteWorkflow (by id)."""
+    svc = _service(request)
+    if (denied := _authorized(request)) is not None:
+        return denied
+    wf, wid = svc.workflows, request.path_params.get("workflow_id")
+    if request.method == "GET":
+        if wid:
+            return _answer(wf.get(wid))
+        page, per_page = _int_param(request, "page", 1), _int_param(request, "per_page", 128)
+        if page is None or per_page is None or page < 1 or per_page < 1:
+            return _json(400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, "page and per_page: positive"))
+        return _answer(wf.list(page, per_page))
+    body = await _read_json(request, svc)
+    if isinstance(body, Response):
+        return body
+    if request.method == "DELETE":
+        return _answer(wf.delete(body, wid))
+    return _answer(wf.post(body))
+
+
+async def workflow_results(request: Request):
+    svc = _service(request)
+    if (denied := _authorized(request)) is not None:
+        return denied
+    if svc.busy(1):
+        return _answer(svc.overloaded_response())
+    body = await _read_json(request, svc)
+    if isinstance(body, Response):
+        return body
+    return _answer(await svc.workflows.results(request.path_params["workflow_id"], body))
+
+
+async def list_models(request: Request):
+    return _authorized(request) or _answer(_service(request).list_models())
+
+
 async def get_model_type(request: Request):
     return _authorized(request) or _answer(_service(request).get_model_type(request.path_params["model_type_id"]))
 
@@ -460,8 +518,13 @@ def _clarifai_routes(app: FastAPI) -> None:
     routes += [("GET", p, list_concepts, {"parameters": [_query("page", "integer"), _query("per_page", "integer")]})
                for p in CONCEPTS_PATHS]
     routes += [("GET", p, get_model, {}) for p in MODEL_PATHS]
+    routes += [("GET", p, list_models, {}) for p in MODELS_PATHS]
+    routes += [(m, p, workflows_route, {}) for p in WORKFLOWS_PATHS for m in ("GET", "POST", "DELETE")]
+    routes += [(m, p, workflows_route, {}) for p in WORKFLOW_PATHS for m in ("GET", "DELETE")]
+    routes += [("POST", p, workflow_results, {}) for p in WORKFLOW_RESULTS_PATHS]
     for method, path, fn, extra in routes:
         op_id = fn.__name__ + "_" + re.sub(r"\W+", "_", path.strip("/"))
+        op_id += f"_{method.lower()}" if fn is workflows_route else ""
         openapi = {"parameters": _path_params(path) + extra.pop("parameters", []), **extra}
         app.add_api_route(path, fn, methods=[method], operation_id=op_id, openapi_extra=openapi,
                           responses=response_doc, tags=["clarifai"])
@@ -506,6 +569,10 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
             await asyncio.to_thread(lambda e=e: e.tagger.text_embeddings)  # warm the text side once
             e.batcher.start()
         service = Service(settings, entries, keys, metrics)
+        service.family = Family(service.default, settings, on_batch=metrics.batch_size.observe)
+        await asyncio.to_thread(service.family.warm)
+        service.workflows = Workflows(service, settings.cache_dir / "workflows")
+        service.family.embedder.start()
         app.state.service = service
         grpc_server = None
         if settings.grpc_port is not None:
@@ -527,6 +594,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
                 await grpc_server.stop(grace=1.0)
             for e in unique:
                 await e.batcher.stop()
+            await service.family.embedder.stop()
             service.decoder.shutdown()
 
     return lifespan

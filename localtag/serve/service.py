@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..core import clarifai, decode, errors, memory
+from ..core import clarifai, decode, errors, languages, memory
 from ..core.config import Settings
 from ..core.encoder import ImageEncoder
 from ..core.errors import ImageError
@@ -133,6 +133,8 @@ class Service:
         self.spool = ByteBudget("bytes of uploads in temp files", settings.max_spool_bytes,
                                 settings.max_client_spool_bytes)
         self.ready = False
+        self.family: Any = None  # serve.family.Family: Clarifai's other public models (set by the server)
+        self.workflows: Any = None  # serve.workflows.Workflows (set by the server)
 
     @property
     def reading(self) -> int:
@@ -205,7 +207,17 @@ class Service:
 
     # models
     def entry(self, model_id: str | None) -> ModelEntry | None:
-        return self.entries.get(model_id or "")
+        found = self.entries.get(model_id or "")
+        if found is None and self.family is not None:
+            found = self.family.entry(model_id)
+        return found
+
+    def list_models(self) -> tuple[int, dict]:
+        """``ListModels``: Clarifai's family as served here, then the configured extra model ids."""
+        listed = self.family.list_models() if self.family is not None else [(clarifai.GENERAL_MODEL_ID, self.default)]
+        listed += [(i, e) for i, e in self.entries.items() if i not in GENERAL_IDS]
+        return 200, {"status": clarifai.status(clarifai.SUCCESS, req_id=clarifai.new_id()),
+                     "models": [e.model_json(i) for i, e in listed]}
 
     def model_not_found(self, model_id: str | None) -> tuple[int, dict]:
         return 404, clarifai.error_response(clarifai.MODEL_DOES_NOT_EXIST, f"model {model_id!r} is not served here")
@@ -276,7 +288,10 @@ class Service:
                 if not select:
                     raise SelectError("select_concepts entries need an id or a name")
             if c.language:
-                opts.language = c.language
+                try:
+                    opts.language = languages.check(c.language)
+                except ValueError as e:
+                    raise SelectError(str(e)) from None
         opts.select = entry.tagger.select_indices(select) if select else None
         return opts
 
@@ -287,6 +302,8 @@ class Service:
         entry = self.entry(model_id)
         if entry is None:
             return self.model_not_found(model_id)
+        if model_id not in self.entries:  # a family model: serve.family answers it
+            return await self.family.predict(self, req, model_id, entry)
         n = len(req.inputs)
         if n == 0:
             return 400, clarifai.error_response(clarifai.CONN_INVALID_REQUEST, "the request has no inputs",

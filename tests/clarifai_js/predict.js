@@ -4,7 +4,8 @@ const Clarifai = require('clarifai');
 
 const [endpoint, apiKey, modelId, input, config] = process.argv.slice(2);
 const app = new Clarifai.App({ apiKey, apiEndpoint: endpoint });
-const model = modelId === 'GENERAL_MODEL' ? Clarifai.GENERAL_MODEL : modelId;
+// a constant name (GENERAL_MODEL, COLOR_MODEL, NSFW_MODEL, …) stands for the id the client exports under it
+const model = /^[A-Z_]+_MODEL$/.test(modelId) ? Clarifai[modelId] : modelId;
 
 app.models.predict(model, input, config ? JSON.parse(config) : {}).then(
   (response) => {

@@ -114,6 +114,13 @@ IMAGENET_RANGES = [
     (385, 386, "elephant"), (387, 387, "mammal"), (388, 388, "bear"), (389, 397, "fish"),
 ]
 
+#: Clarifai's 23 languages: English is the concept name; the others come from sources/lang/<code>.tsv
+LANGUAGES = ("ar", "bn", "da", "de", "es", "fi", "fr", "hi", "hu", "it", "ja", "ko", "nl", "no", "pa",
+             "pl", "pt", "ru", "sv", "tr", "zh", "zh-TW")
+LANG_DIR = os.path.join(SOURCES, "lang")
+#: ``--check`` fails when fewer concepts than this have a name in a language
+MIN_COVERAGE = 0.99
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9' \-]*[a-z0-9']$|^[a-z0-9]$")
 ID_RE = re.compile(r"^ai_[A-Za-z0-9]{8}$")
 
@@ -387,7 +394,27 @@ def section_of(v: Vocab, c: Concept) -> str:
     return c.default_sections[0] if c.default_sections else "objects"
 
 
-def render(v: Vocab) -> str:
+def load_translations(lang_dir: str = LANG_DIR) -> dict[str, dict[str, str]]:
+    """{language: {english name: translated name}} from ``lang/<code>.tsv`` (``english<TAB>name``)."""
+    out: dict[str, dict[str, str]] = {}
+    for code in LANGUAGES:
+        path = os.path.join(lang_dir, f"{code}.tsv")
+        names: dict[str, str] = {}
+        if os.path.exists(path):
+            for lineno, line in read_lines(path):
+                en, tab, tr = line.partition("\t")
+                tr = " ".join(tr.split())
+                if not tab or not tr:
+                    raise BuildError(f"{code}.tsv:{lineno}: expected 'english<TAB>name'")
+                if FORBIDDEN_LANG & set(tr):
+                    raise BuildError(f"{code}.tsv:{lineno}: {tr!r} has a character vocab.txt cannot hold")
+                names[norm(en)] = tr
+        out[code] = names
+    return out
+
+
+def render(v: Vocab, translations: dict[str, dict[str, str]] | None = None) -> str:
+    translations = load_translations() if translations is None else translations
     by_section: dict[str, list[Concept]] = {s: [] for s in SECTIONS}
     for c in v.concepts.values():
         by_section[section_of(v, c)].append(c)
@@ -411,6 +438,7 @@ def render(v: Vocab) -> str:
     w("#     parents=x, y     parent concept names (each is itself a concept in this file; no cycles)")
     w("#     exclusive=x      concepts that cannot hold together with this one (the stronger is kept)")
     w("#     threshold=0.9    optional per-concept minimum value (not used in this file)")
+    w("#     lang.XX=name     the display name in language XX (from sources/lang/XX.tsv)")
     w("#   No name appears twice, and no name is also another concept's synonym.")
     w("#")
     w(f"# {len(v.concepts)} concepts. Sources (label names only; no images or annotations are used):")
@@ -435,6 +463,10 @@ def render(v: Vocab) -> str:
                 line += " | parents=" + ", ".join(c.parents)
             if c.name in EXCLUSIVE:
                 line += " | exclusive=" + ", ".join(EXCLUSIVE[c.name])
+            for code in LANGUAGES:
+                name = translations.get(code, {}).get(c.name)
+                if name:
+                    line += f" | lang.{code}={name}"
             w(line)
     return "\n".join(out) + "\n"
 
@@ -443,6 +475,7 @@ def render(v: Vocab) -> str:
 # --check: an independent, spec-level validation of a written vocab file.
 
 FORBIDDEN = set("|#=,")
+FORBIDDEN_LANG = set("|#=\t\n\r")
 
 
 def check_file(path: str, fresh: str | None) -> int:
@@ -453,6 +486,7 @@ def check_file(path: str, fresh: str | None) -> int:
     syn_of: dict[str, str] = {}
     parents: dict[str, list[str]] = {}
     exclusive: dict[str, list[str]] = {}
+    lang_names: dict[str, dict[str, str]] = {}
     section = None
     section_counts: OrderedDict[str, int] = OrderedDict()
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -485,6 +519,14 @@ def check_file(path: str, fresh: str | None) -> int:
         seen_keys = set()
         for f in fields[1:]:
             key, eq, value = f.partition("=")
+            if key.startswith("lang.") and eq and key not in seen_keys:
+                seen_keys.add(key)
+                code = key[5:]
+                if code not in LANGUAGES or not value.strip() or FORBIDDEN_LANG & set(value):
+                    problems.append(f"line {lineno}: bad field {f!r}")
+                else:
+                    lang_names.setdefault(code, {})[name] = value
+                continue
             if not eq or key in seen_keys or key not in ("syn", "parents", "threshold", "exclusive"):
                 problems.append(f"line {lineno}: bad field {f!r}")
                 continue
@@ -530,6 +572,7 @@ def check_file(path: str, fresh: str | None) -> int:
             problems.append(f"required concept {required!r} missing")
     if [s for s in section_counts] != SECTIONS:
         problems.append(f"sections are {list(section_counts)}, expected {SECTIONS}")
+    problems += coverage_problems(lang_names, total)
     if fresh is not None and fresh != text:
         problems.append(f"{path} is out of date: re-run tools/vocab/build_vocab.py")
 
@@ -551,6 +594,99 @@ def check_file(path: str, fresh: str | None) -> int:
     return 0 if not problems else 1
 
 
+def coverage_problems(lang_names: dict[str, dict[str, str]], total: int) -> list[str]:
+    """Each of the 22 languages besides English names >= MIN_COVERAGE of the concepts, without two
+    concepts sharing a name; prints the coverage per language."""
+    problems = []
+    print(f"  languages (en is the concept name, {total}/{total}):")
+    for code in LANGUAGES:
+        names = lang_names.get(code, {})
+        share = len(names) / total if total else 0.0
+        print(f"    {code:<6} {len(names):>5}/{total} ({100 * share:.1f} %)")
+        if share < MIN_COVERAGE:
+            problems.append(f"lang.{code}: {len(names)}/{total} concepts named ({100 * share:.1f} % < "
+                            f"{100 * MIN_COVERAGE:.0f} %)")
+        by_name: dict[str, list[str]] = {}
+        for concept, tr in names.items():
+            by_name.setdefault(tr.casefold(), []).append(concept)
+        problems += [f"lang.{code}: {who} share the name {tr!r}" for tr, who in by_name.items() if len(who) > 1]
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The model family's vocabularies (nsfw, moderation, food, …): sources/family/<name>.txt in the
+# vocab.txt line format without translations → localtag/data/<name>.txt with lang.XX columns. A name
+# comes from sources/family/lang.tsv (english, then one column per language in LANGUAGES order) first,
+# else from vocab.txt's translations of the concept's name or, failing that, of one of its synonyms.
+
+FAMILY_DIR = os.path.join(SOURCES, "family")
+DATA_DIR = os.path.dirname(DEFAULT_OUT)
+
+
+def family_sources() -> list[str]:
+    return sorted(f for f in os.listdir(FAMILY_DIR) if f.endswith(".txt"))
+
+
+def load_family_names() -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {code: {} for code in LANGUAGES}
+    for lineno, line in read_lines(os.path.join(FAMILY_DIR, "lang.tsv")):
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) != len(LANGUAGES) + 1 or not all(cols):
+            raise BuildError(f"family/lang.tsv:{lineno}: expected english + {len(LANGUAGES)} names")
+        for code, name in zip(LANGUAGES, cols[1:], strict=True):
+            if FORBIDDEN_LANG & set(name):
+                raise BuildError(f"family/lang.tsv:{lineno}: {name!r} has a character vocab files cannot hold")
+            out[code][norm(cols[0])] = name
+    return out
+
+
+def render_family(fname: str, translations: dict[str, dict[str, str]], own: dict[str, dict[str, str]]) -> str:
+    out = []
+    for raw in open(os.path.join(FAMILY_DIR, fname), encoding="utf-8").read().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            out.append(raw)
+            continue
+        fields = [f.strip() for f in line.split("|")]
+        name = norm(fields[0])
+        syns = [norm(x) for f in fields[1:] if f.startswith("syn=") for x in f[4:].split(",") if x.strip()]
+        for code in LANGUAGES:
+            shown = own[code].get(name) or next(
+                (translations[code][n] for n in (name, *syns) if n in translations[code]), None)
+            if shown:
+                line += f" | lang.{code}={shown}"
+        out.append(line)
+    head = f"# GENERATED by tools/vocab/build_vocab.py from tools/vocab/sources/family/{fname} and the translations."
+    return head + "\n" + "\n".join(out) + "\n"
+
+
+def check_family(fname: str, text: str, fresh: str | None) -> list[str]:
+    problems = []
+    names: dict[str, dict[str, str]] = {}
+    total = 0
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        total += 1
+        fields = [f.strip() for f in line.split(" | ")]
+        for f in fields[1:]:
+            key, _, value = f.partition("=")
+            if key.startswith("lang."):
+                names.setdefault(key[5:], {})[fields[0]] = value
+    for code in LANGUAGES:
+        got = names.get(code, {})
+        if len(got) < MIN_COVERAGE * total:
+            problems.append(f"{fname}: lang.{code} names {len(got)}/{total} concepts")
+        shown = [v.casefold() for v in got.values()]
+        if len(set(shown)) != len(shown):
+            problems.append(f"{fname}: lang.{code}: two concepts share a name")
+    if fresh is not None and fresh != text:
+        problems.append(f"{fname} is out of date: re-run tools/vocab/build_vocab.py")
+    print(f"{fname}: {total} concepts, named in {sum(1 for c in LANGUAGES if len(names.get(c, {})) == total)}"
+          f"/{len(LANGUAGES)} languages besides English")
+    return problems
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-o", "--output", default=DEFAULT_OUT, help="output file, '-' for stdout (default: localtag/data/vocab.txt)")
@@ -561,16 +697,30 @@ def main(argv=None) -> int:
     except BuildError as e:
         print(f"build_vocab: error: {e}", file=sys.stderr)
         return 2
+    translations = load_translations()
+    family = {f: render_family(f, translations, load_family_names()) for f in family_sources()}
     if args.check:
         if args.output == "-":
             ap.error("--check needs a file")
-        return check_file(args.output, text)
+        code = check_file(args.output, text)
+        problems = []
+        for fname, fresh in family.items():
+            path = os.path.join(DATA_DIR, fname)
+            written = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+            problems += check_family(fname, written, fresh)
+        for p in problems:
+            print("ERROR:", p)
+        return code or (1 if problems else 0)
     if args.output == "-":
         sys.stdout.write(text)
     else:
         with open(args.output, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
         print(f"wrote {args.output}", file=sys.stderr)
+        for fname, fresh in family.items():
+            with open(os.path.join(DATA_DIR, fname), "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(fresh)
+        print(f"wrote {len(family)} family vocabularies to {DATA_DIR}", file=sys.stderr)
     return 0
 
 
