@@ -213,7 +213,10 @@ def test_pull_hf_hub_repo_through_local_hub(fake_hub, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["name"] == "acme--tiny-clip"
-    assert len(out["text_embeddings"]) == 1  # the shipped vocab.txt, encoded at pull time
+    from localtag.core.family import shipped_vocabularies
+
+    # the shipped vocabularies (vocab.txt and the model family's), encoded at pull time
+    assert len(out["text_embeddings"]) == len({"vocab.txt", *shipped_vocabularies()})
     expected = hashlib.sha256((ckpt / "open_clip_model.safetensors").read_bytes()).hexdigest()
     assert out["sha256"] == expected
     assert any("open_clip_model.safetensors" in q for q in hub.requests)
