@@ -32,12 +32,20 @@ COMMANDS = (cli_tag, cli_models, cli_vocab, cli_serve, cli_directus, cli_eval, c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localtag", description="Offline image tagging with CLIP.")
-    p.add_argument("--version", action="version", version=f"localtag {_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print localtag's version and exit")
     p.add_argument("--log-level", default=os.environ.get("LOCALTAG_LOG_LEVEL", "INFO"))
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
     return p
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (the package metadata costs ~40 ms to read)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"localtag {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
