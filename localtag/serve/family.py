@@ -24,7 +24,6 @@ from ..core import vocab as vocab_mod
 from ..core.colors import Color, dominant_colors
 from ..core.config import shipped
 from ..core.errors import ImageError
-from ..core.fetch import fetch
 from ..core.properties import Properties, properties
 from ..core.scorer import Picking
 from ..core.tagger import SelectError, Tagger
@@ -119,16 +118,7 @@ class Family:
         """Fetch, decode (once), then embed with the shared encoder and/or find the colours."""
         budget = budget or RequestPixels(self.settings.max_request_pixels)
         entry = self.default
-        if data is None and not b64:
-            if not url:
-                raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
-            data = await fetch(url, svc.policy)
-        data, (w, h) = await svc.decoder.run(budget, svc._peek, entry, data if data is not None else b64)
-        side = entry.encoder.image_size
-        cost = w * h + side * side * max(w, h) // max(1, min(w, h))
-        if not budget.take(cost):
-            raise ImageError(errors.TOO_MANY_PIXELS,
-                             f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
+        data, cost = await svc.admit(entry, budget, url=url, b64=b64, data=data)
         tensor, cols, found, error = await svc.decoder.run(budget, self._prepare, data, svc._draft(entry), embed,
                                                            colors, props, cost=cost)
         if cost >= 16_000_000:

@@ -364,23 +364,30 @@ class Service:
         Decoding takes turns with other requests (``budget`` names the request and holds its pixel
         allowance), within the server's pixel budget."""
         budget = budget or RequestPixels(self.settings.max_request_pixels)
-        if data is None and not b64:
-            if not url:
-                raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
-            data = await fetch(url, self.policy)
-        data, (w, h) = await self.decoder.run(budget, self._peek, entry, data if data is not None else b64)
-        # what is decoded, plus what the resize to the model's short side makes of it
-        side = entry.encoder.image_size
-        cost = w * h + side * side * max(w, h) // max(1, min(w, h))
-        if not budget.take(cost):
-            raise ImageError(errors.TOO_MANY_PIXELS,
-                             f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
+        data, cost = await self.admit(entry, budget, url=url, b64=b64, data=data)
         prepared = await self.decoder.run(budget, self._prepare, entry, data, cost=cost)
         if cost >= TRIM_PIXELS:
             await self.decoder.run(budget, memory.trim)
         if prepared.error is not None:
             raise prepared.error
         return await entry.batcher.submit(prepared.tensor)
+
+    async def admit(self, entry: ModelEntry, budget: RequestPixels, *, url: str | None, b64: str | bytes | None,
+                    data: bytes | None) -> tuple[bytes, int]:
+        """One image's bytes (fetched, or from base64) and its pixel cost, taken from the request's budget:
+        what is decoded plus what the resize to the model's short side makes of it. Raises ImageError /
+        StatusError."""
+        if data is None and not b64:
+            if not url:
+                raise StatusError(clarifai.INPUT_INVALID_ARGUMENT, "the input needs data.image.url or data.image.base64")
+            data = await fetch(url, self.policy)
+        data, (w, h) = await self.decoder.run(budget, self._peek, entry, data if data is not None else b64)
+        side = entry.encoder.image_size
+        cost = w * h + side * side * max(w, h) // max(1, min(w, h))
+        if not budget.take(cost):
+            raise ImageError(errors.TOO_MANY_PIXELS,
+                             f"{w}x{h} is over this request's budget of {budget.total / 1e6:.0f} MP decoded")
+        return data, cost
 
     def _draft(self, entry: ModelEntry) -> int:
         return entry.pipeline.draft or DRAFT_SIDE
