@@ -202,3 +202,96 @@ def test_npm_client_family_constants(npm_client, live, web):
     r = _node(live.base, KEY, "MODERATION_MODEL", f"{web.base}/img/cat.jpg")
     names = {c["name"] for c in r["response"]["outputs"][0]["data"]["concepts"]}
     assert names == {"safe", "suggestive", "explicit", "drug", "gore"}
+
+
+def _sdk_model(live, model_id: str):
+    from clarifai.client.model import Model
+
+    return Model(model_id=model_id, user_id="clarifai", app_id="main", pat=KEY,
+                 base_url=f"http://127.0.0.1:{live.grpc_port}")
+
+
+def _rest_concepts(live, model_id: str, image: bytes) -> list[tuple[str, float]]:
+    """The same model asked over REST with plain JSON, not through the SDK."""
+    r = httpx.post(f"{live.base}/v2/models/{model_id}/outputs", headers={"authorization": f"Key {KEY}"},
+                   timeout=60, json={"inputs": [{"data": {"image": {"base64": base64.b64encode(image).decode()}}}],
+                                     "model": {"output_info": {"output_config": {"max_concepts": 200}}}})
+    return [(c["name"], c["value"]) for c in r.json()["outputs"][0]["data"]["concepts"]]
+
+
+def test_python_sdk_family_models(live, cat, web, fixture_loaded):
+    """The ``clarifai`` SDK calls the family by string and legacy ids; shapes and values are real."""
+    import numpy as np
+    from test_family import half_red_half_blue
+
+    from localtag.core import family
+    from localtag.core import vocab as vocab_mod
+    from localtag.core.config import shipped
+
+    r = _sdk_model(live, "color-recognition").predict_by_bytes(half_red_half_blue(), input_type="image")
+    colors = r.outputs[0].data.colors
+    assert [c.w3c.name for c in colors[:2]] in (["Red", "Blue"], ["Blue", "Red"]), colors
+    assert sum(c.value for c in colors) == pytest.approx(1.0, abs=1e-5)
+    assert [c.value for c in colors[:2]] == pytest.approx([0.5, 0.5], abs=0.05)
+
+    cfg = {"max_concepts": 200, "min_value": 0}
+    for key, legacy in (("nsfw", "e9576d86d2004ed1a38ba0cf39ecb4b1"), ("moderation", "d16f390eb32cad478c7ae150069bd2c6")):
+        m = family.by_id(key)
+        assert m.legacy_id == legacy
+        answers = [[(c.name, c.value) for c in _sdk_model(live, mid).predict_by_bytes(
+            cat, input_type="image", output_config=cfg).outputs[0].data.concepts] for mid in (m.id, legacy)]
+        assert answers[0] == answers[1]  # one model under two ids
+        assert {n for n, _ in answers[0]} == {c.name for c in vocab_mod.load(shipped(m.vocab))}
+        assert sum(v for _, v in answers[0]) == pytest.approx(1.0, abs=1e-4)  # single-label
+        assert answers[0] == [(n, pytest.approx(v, abs=1e-6)) for n, v in _rest_concepts(live, m.id, cat)]
+
+    food = family.by_id("food")
+    by_string = _sdk_model(live, "food-item-recognition").predict_by_url(
+        f"{web.base}/img/cat.jpg", input_type="image", output_config=cfg).outputs[0].data.concepts
+    by_legacy = _sdk_model(live, "bd367be194cf45149e75f01d59f77ba7").predict_by_bytes(
+        cat, input_type="image", output_config=cfg).outputs[0].data.concepts
+    assert [(c.name, c.value) for c in by_string] == [(c.name, c.value) for c in by_legacy]
+    assert {c.name for c in by_string} == {c.name for c in vocab_mod.load(shipped(food.vocab))}
+    assert [(c.name, c.value) for c in by_string] == [(n, pytest.approx(v, abs=1e-6))
+                                                        for n, v in _rest_concepts(live, food.id, cat)]
+
+    offline = fixture_loaded.encoder.embed([decode.decode(cat)])[0]
+    for mid in ("general-image-embedding", "bbb5f41425b8468d9b7a554ff10f8581"):
+        (emb,) = _sdk_model(live, mid).predict_by_bytes(cat, input_type="image").outputs[0].data.embeddings
+        vec = np.array(emb.vector)
+        assert emb.num_dimensions == vec.size == offline.size
+        assert np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
+        assert vec == pytest.approx(offline, abs=1e-4) and float(vec @ offline) >= 0.9999
+
+
+def test_python_sdk_workflow(live, cat, tmp_path):
+    """The SDK makes a workflow from its YAML (App.create_workflow: GetModel per node, then PostWorkflows)
+    and runs it (Workflow.predict_by_bytes: PostWorkflowResults): one output per node, in node order."""
+    from clarifai.client.app import App
+    from clarifai.client.workflow import Workflow
+    from test_family import half_red_half_blue
+
+    base = f"http://127.0.0.1:{live.grpc_port}"
+    nodes = [("concepts", GENERAL), ("colours", "color-recognition"), ("safety", "e9576d86d2004ed1a38ba0cf39ecb4b1")]
+    (tmp_path / "wf.yml").write_text("workflow:\n  id: sdk-three\n  nodes:\n" + "".join(
+        f"    - id: {nid}\n      model:\n        model_id: {mid}\n"
+        for nid, mid in nodes))
+    app = App(app_id="main", user_id="clarifai", pat=KEY, base_url=base)
+    app.create_workflow(config_filepath=str(tmp_path / "wf.yml"), display=False)
+    wf = Workflow(workflow_id="sdk-three", user_id="clarifai", app_id="main", pat=KEY, base_url=base)
+    for image in (cat, half_red_half_blue()):
+        r = wf.predict_by_bytes(image, input_type="image")
+        assert r.status.code == sc.SUCCESS and len(r.results) == 1
+        general, colours, nsfw = r.results[0].outputs
+        assert [o.model.id for o in r.results[0].outputs] == [mid for _, mid in nodes]
+        assert general.data.concepts and not general.data.colors
+        assert sum(c.value for c in colours.data.colors) == pytest.approx(1.0, abs=1e-5)
+        assert {c.name for c in nsfw.data.concepts} == {"sfw", "nsfw"}
+        assert sum(c.value for c in nsfw.data.concepts) == pytest.approx(1.0, abs=1e-4)
+    assert r.results[0].outputs[1].data.colors[0].w3c.name in ("Red", "Blue")
+    first = wf.predict_by_bytes(cat, input_type="image").results[0].outputs[0].data.concepts[0]
+    assert first.name == "cat"
+    # the built-in public workflow, found by URL as the SDK's docs show it
+    general = Workflow(url="https://clarifai.com/clarifai/main/workflows/General", pat=KEY, base_url=base)
+    tags, embedding = general.predict_by_bytes(cat, input_type="image").results[0].outputs
+    assert tags.data.concepts[0].name == "cat" and embedding.data.embeddings[0].num_dimensions == 64
