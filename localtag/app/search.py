@@ -40,8 +40,9 @@ PER_HIT = 16
 #: rebuild the snapshot when rows added since exceed this share of the app, or rows gone this share of it
 REBUILD_ADDED = 0.10
 REBUILD_GONE = 0.20
-#: rows sampled to train the quantiser
+#: rows sampled to train the quantiser; fewer rows than SMALLEST are always searched exactly
 TRAIN_ROWS = 20_000
+SMALLEST = 256
 #: leading components kept per row to notice a vector that changed under the same id
 HEAD = 8
 
@@ -225,7 +226,7 @@ class VectorSearch:
             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(row indices, cosine similarities) of the ``k`` best rows, best first, as :func:`exact_top`."""
         n = len(ids)
-        if n < self.min_rows or k <= 0 or matrix.shape[1] % 2:
+        if n < max(self.min_rows, SMALLEST) or k <= 0 or matrix.shape[1] % 2:
             return exact_top(matrix, query, k, mask)
         allowed = n if mask is None else int(mask.sum())
         if allowed < self.min_rows:  # a narrow filter: exact over the rows it allows
