@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import sqlite3
 
 import numpy as np
 import pytest
 
+from localtag.app.api import AppApi
+from localtag.app.search import VectorSearch, recall_at
 from localtag.app.store import AppStore, NewInput, StoreError
 
 KEY = "sha|exact|fp32|cpu"
@@ -84,3 +87,96 @@ def test_concurrent_processes_never_corrupt(tmp_path):
     ids, mat = s.matrix("me/a", KEY)
     assert len(s.all_ids("me/a")) == 4 * 45 == len(ids) == mat.shape[0]
     assert s.get("me/a", "p2-19")["metadata"] == {"w": 2} and s.get("me/a", "p2-18") is None
+
+
+# -- the vector index past the exact-search threshold (localtag.app.search.VectorSearch) -----------------------
+
+def _rows(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    m = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def _fill(store: AppStore, app: str, mat: np.ndarray, start: int = 0) -> None:
+    store.add(app, [NewInput(f"i{start + n}", embedding=v, concepts={"even": 1} if (start + n) % 2 == 0 else {})
+                    for n, v in enumerate(mat)], KEY)
+
+
+def _api(store: AppStore, vectors: VectorSearch) -> AppApi:
+    def no_encoder(*args):
+        raise AssertionError("these searches rank by input id: no encoder")
+
+    return AppApi(store, KEY, no_encoder, no_encoder, no_encoder, vectors=vectors)
+
+
+def _search(api: AppApi, app: str, input_id: str, k: int = 10, filters: list | None = None) -> list[tuple[str, float]]:
+    query: dict = {"ranks": [{"annotation": {"input_id": input_id}}]}
+    if filters:
+        query["filters"] = filters
+    code, body = asyncio.run(api.search(app, {"query": query, "pagination": {"page": 1, "per_page": k}}))
+    assert code == 200, body
+    return [(h["input"]["id"], h["score"]) for h in body["hits"]]
+
+
+def _recall(found: list[list[tuple[str, float]]], truth: list[list[tuple[str, float]]]) -> float:
+    return recall_at([[i for i, _ in f] for f in found], [[i for i, _ in t] for t in truth])
+
+
+def test_index_search_recall_and_shape(tmp_path):
+    """Past ``min_rows`` the app searches the PQ index: recall@10 against exact search ≥ 0.95, with and
+    without a concept filter, and hits in the shape and with the scores of exact search."""
+    store = AppStore(tmp_path)
+    _fill(store, "me/a", _rows(3000))
+    vectors = VectorSearch(tmp_path / "index", min_rows=1000)
+    ann, exact = _api(store, vectors), _api(store, VectorSearch(None, min_rows=10**9))
+    queries = [f"i{n}" for n in range(0, 3000, 75)]
+    found = [_search(ann, "me/a", q) for q in queries]
+    truth = [_search(exact, "me/a", q) for q in queries]
+    assert list((tmp_path / "index").glob("*.npz")), "the index path did not run"
+    assert _recall(found, truth) >= 0.95
+    for q, f, t in zip(queries, found, truth, strict=True):
+        assert len(f) == 10 and f[0] == (q, pytest.approx(1.0))
+        scores = dict(t)
+        assert all(s == pytest.approx(scores[i], abs=1e-6) for i, s in f if i in scores)
+        assert [s for _, s in f] == sorted((s for _, s in f), reverse=True)
+    even = [{"annotation": {"data": {"concepts": [{"id": "even", "value": 1}]}}}]
+    found = [_search(ann, "me/a", q, filters=even) for q in queries]
+    truth = [_search(exact, "me/a", q, filters=even) for q in queries]
+    assert all(int(i[1:]) % 2 == 0 for f in found for i, _ in f)
+    assert _recall(found, truth) >= 0.95
+
+
+def test_index_never_returns_deleted_inputs_and_follows_changes(tmp_path):
+    """A deleted input never comes back, an id added again with another vector is found by its new vector,
+    the index file survives a restart, and a large drift rebuilds it."""
+    store = AppStore(tmp_path)
+    _fill(store, "me/a", _rows(3000))
+    vectors = VectorSearch(tmp_path / "index", min_rows=1000)
+    api = _api(store, vectors)
+    queries = [f"i{n}" for n in range(0, 3000, 150)]
+    before = [_search(api, "me/a", q) for q in queries]
+    (index_file,) = (tmp_path / "index").glob("*.npz")
+    built = index_file.stat().st_mtime_ns
+    deleted = {i for hits in before for i, _ in hits[1:4]}  # each query's next three neighbours
+    assert store.delete("me/a", deleted) == len(deleted)
+
+    exact = _api(store, VectorSearch(None, min_rows=10**9))
+    after = [_search(api, "me/a", q) for q in queries]
+    assert not deleted & {i for hits in after for i, _ in hits}
+    assert _recall(after, [_search(exact, "me/a", q) for q in queries]) >= 0.95
+    assert index_file.stat().st_mtime_ns == built  # 2 % gone: the snapshot still serves
+
+    # an id deleted and added again with the vector of i0 is found next to i0 (its old code is stale)
+    again = sorted(deleted)[0]
+    store.add("me/a", [NewInput(again, embedding=store.embedding("me/a", "i0", KEY))], KEY)
+    assert {i for i, _ in _search(api, "me/a", "i0")[:2]} == {"i0", again}
+
+    store.close()
+    store = AppStore(tmp_path)  # a restart: the index file is read back, not rebuilt
+    api = _api(store, VectorSearch(tmp_path / "index", min_rows=1000))
+    after = [_search(api, "me/a", q) for q in queries]
+    assert not (deleted - {again}) & {i for hits in after for i, _ in hits}
+    assert index_file.stat().st_mtime_ns == built
+
+    _fill(store, "me/a", _rows(400, seed=1), start=3000)  # 13 % new rows: rebuilt, and they are found
+    assert _search(api, "me/a", "i3001")[0] == ("i3001", pytest.approx(1.0))
+    assert index_file.stat().st_mtime_ns != built

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core import clarifai
 from ..core.errors import ImageError
-from .search import exact_top, to_score
+from .search import VectorSearch, to_score
 from .store import STATUS_DESCRIPTIONS, STATUS_FAILED, STATUS_OK, AppStore, NewInput, StoreError
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class AppApi:
 
     def __init__(self, store: AppStore, key: str, embed_images: Callable[[list[bytes]], list],
                  embed_text: Callable[[str], np.ndarray], fetch: Callable[[str], Awaitable[bytes]],
-                 limits: Limits | None = None, max_bytes: int = 20_000_000):
+                 limits: Limits | None = None, max_bytes: int = 20_000_000, vectors: VectorSearch | None = None):
         self.store, self.key = store, key
+        self.vectors = vectors or VectorSearch(store.root / "index")
         self.embed_images, self.embed_text, self.fetch = embed_images, embed_text, fetch
         self.limits = limits or Limits()
         self.max_bytes = max_bytes
@@ -382,7 +383,7 @@ class AppApi:
         if mat.shape[1] != vec.shape[0]:
             raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "the query's embedding dimension is not the app's")
         mask = None if allowed is None else np.fromiter((i in allowed for i in ids), bool, len(ids))
-        rows, sims = exact_top(mat, vec, k, mask)
+        rows, sims = self.vectors.top(VectorSearch.name(app, self.key), ids, mat, vec, k, mask)
         return [(ids[r], float(s)) for r, s in zip(rows, to_score(sims), strict=True)]
 
 

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     app_max_inputs: int = 1_000_000  # inputs per app
     app_max_blob_bytes: int = 20_000_000  # bytes of one stored image
     app_max_per_page: int = 1000  # hits or inputs per page
+    app_ann_min_rows: int = 20_000  # an app this large searches a faiss PQ index (+ exact re-rank), not exactly
 
     # server
     host: str = "127.0.0.1"

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..app.api import AppApi, Limits
+from ..app.search import VectorSearch
 from ..app.store import AppStore
 from ..core.cache import cache_key
 from ..core.fetch import fetch
@@ -34,8 +35,9 @@ def build_api(svc: Any) -> AppApi:
     async def fetch_url(url: str) -> bytes:
         return await fetch(url, svc.policy)
 
+    vectors = VectorSearch(store.root / "index", min_rows=s.app_ann_min_rows, background=True)
     return AppApi(store, key, embed_images, embed_text, fetch_url, Limits(max_per_page=s.app_max_per_page),
-                  max_bytes=min(s.max_bytes, s.app_max_blob_bytes))
+                  max_bytes=min(s.max_bytes, s.app_max_blob_bytes), vectors=vectors)
 
 
 async def api_for(svc: Any) -> AppApi:
