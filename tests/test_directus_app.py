@@ -14,6 +14,7 @@ import io
 import json
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 from directus_harness import DirectusClient
@@ -157,3 +158,18 @@ def test_sync_fills_the_app_and_search_answers_ships(directus, client, settings,
     image = search(settings, "--image", str(cifar_test["ship"][16]), "--app", APP, "--limit", "5")["hits"]
     print("image:", sum(h["id"] in ships for h in image))
     assert len(image) == 5 and sum(h["id"] in ships for h in image) >= 4
+
+    # `localtag serve` answers the same search (PostInputsSearches), and narrows it by a person's tag
+    from live_server import LiveServer
+
+    url = "/v2/users/me/apps/" + APP + "/inputs/searches"
+    text = {"annotation": {"data": {"text": {"raw": "ship"}}}}
+    with LiveServer(settings) as srv, httpx.Client(base_url=srv.base, timeout=60) as http:
+        served = http.post(url, json={"query": {"ranks": [text]}, "pagination": {"per_page": 10}}).json()
+        assert served["status"]["code"] == 10000
+        assert [h["input"]["id"] for h in served["hits"]] == [h["id"] for h in hits]
+        assert served["hits"][0]["input"]["data"]["metadata"]["title"] == hits[0]["title"]
+        mine = {"annotation": {"data": {"concepts": [{"name": "harbour trip", "value": 1}]}}}
+        narrowed = http.post(url, json={"query": {"ranks": [text], "filters": [mine]}}).json()
+        assert [h["input"]["id"] for h in narrowed["hits"]] == [i for i, t in library["person"].items()
+                                                                  if "harbour trip" in t]
