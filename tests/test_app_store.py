@@ -63,6 +63,7 @@ def test_upsert_updates_in_place_and_never_duplicates(tmp_path):
     assert rec["created"] == created and rec["modified"] >= created
     ids, mat = s.matrix("me/a", KEY)
     assert ids == ["f1", "f2", "f3"] and s.all_ids("me/a") == ["f1", "f2", "f3"]
+    assert s.embedded_ids("me/a", KEY) == {"f1", "f2", "f3"} and s.embedded_ids("me/a", "other") == set()
     np.testing.assert_array_equal(mat[0], _vec(1))  # kept: no embedding was given
     assert s.upsert("me/a", [NewInput("f2", embedding=_vec(9))], KEY) == (0, 1)  # full app: updates still go
     np.testing.assert_array_equal(s.embedding("me/a", "f2", KEY), _vec(9))

@@ -342,6 +342,11 @@ class AppStore:
     def all_ids(self, app: str) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT id FROM inputs WHERE app = ? ORDER BY seq", (app,))]
 
+    def embedded_ids(self, app: str, key: str) -> set[str]:
+        """Ids of the app's inputs that have an embedding under ``key`` (without loading the vectors)."""
+        return {r[0] for r in self._db().execute("SELECT input_id FROM embeddings WHERE app = ? AND key = ?",
+                                                  (app, key))}
+
     def embedding(self, app: str, input_id: str, key: str) -> np.ndarray | None:
         row = self._db().execute("SELECT vec FROM embeddings WHERE app = ? AND key = ? AND input_id = ?",
                                  (app, key, input_id)).fetchone()

@@ -151,7 +151,7 @@ def _app_fill(settings, client, tagger, encoder):
         return store.upsert(app, [NewInput(e.id, url=e.url, concepts=e.concepts, metadata=e.metadata,
                                            embedding=e.embedding) for e in entries], key)
 
-    return AppFill(client, put, held=set(store.matrix(app, key)[0]))
+    return AppFill(client, put, held=store.embedded_ids(app, key))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
