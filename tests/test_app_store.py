@@ -50,6 +50,32 @@ def test_add_get_patch_delete_and_restart(tmp_path):
     np.testing.assert_array_equal(again.embedding("me/a", "y", KEY), _vec(2))
 
 
+def test_upsert_updates_in_place_and_never_duplicates(tmp_path):
+    """What `directus sync --app` relies on: a rerun replaces annotations and metadata, keeps an embedding
+    it is not given, adds only new ids, and counts the cap on new ids only."""
+    s = AppStore(tmp_path, max_inputs=3)
+    assert s.upsert("me/a", [NewInput("f1", url="http://d/assets/f1", concepts={"mine": 1}, metadata={"title": "a"},
+                                      embedding=_vec(1)),
+                             NewInput("f2", concepts={"sea": 0}, embedding=_vec(2))], KEY) == (2, 0)
+    created = s.get("me/a", "f1")["created"]
+    assert s.upsert("me/a", [NewInput("f1", url="http://d/assets/f1", concepts={"boat": 0, "trip": 1},
+                                      metadata={"title": "b"}),
+                             NewInput("f3", embedding=_vec(3))], KEY) == (1, 1)
+    rec = s.get("me/a", "f1")
+    assert rec["concepts"] == {"boat": 0, "trip": 1} and rec["metadata"] == {"title": "b"}
+    assert rec["created"] == created and rec["modified"] >= created
+    ids, mat = s.matrix("me/a", KEY)
+    assert ids == ["f1", "f2", "f3"] and s.all_ids("me/a") == ["f1", "f2", "f3"]
+    assert s.embedded_ids("me/a", KEY) == {"f1", "f2", "f3"} and s.embedded_ids("me/a", "other") == set()
+    np.testing.assert_array_equal(mat[0], _vec(1))  # kept: no embedding was given
+    assert s.upsert("me/a", [NewInput("f2", embedding=_vec(9))], KEY) == (0, 1)  # full app: updates still go
+    np.testing.assert_array_equal(s.embedding("me/a", "f2", KEY), _vec(9))
+    assert s.get("me/a", "f2")["concepts"] == {}
+    with pytest.raises(StoreError):
+        s.upsert("me/a", [NewInput("f4", embedding=_vec(4))], KEY)
+    assert s.count("me/a") == {30000: 3}
+
+
 def test_limits(tmp_path):
     s = AppStore(tmp_path, max_inputs=2, max_blob_bytes=4)
     with pytest.raises(StoreError, match="blob"):

@@ -73,20 +73,41 @@ def add(loaded: Any, settings: Settings, app: str, sources: Sequence[str], conce
     return {"app": app, "added": len(fresh), "already": len(existing), "errors": got.errors}
 
 
-def run_matrix(run_dir: Path) -> tuple[list[str], np.ndarray]:
-    """The ok rows of a batch run's committed shards: (ids or URIs, embeddings)."""
+class RunDirError(ValueError):
+    """Not a batch run directory, or one made with another model than the one searching it."""
+
+
+def run_matrix(run_dir: Path, model_sha256: str | None = None) -> tuple[list[str], np.ndarray]:
+    """The ok rows of a batch run's committed shards: (ids or URIs, embeddings), column by column (no
+    Python float per value: a million 512-d rows stay one float32 matrix). ``model_sha256``: the model
+    that will embed the query; a run of another model raises :class:`RunDirError`."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise RunDirError(f"{run_dir} is not a batch run directory (no run.json)")
+    run = json.loads(run_file.read_text())
+    fp = run.get("fingerprint") or {}
+    if model_sha256 and fp.get("model_sha256") and fp["model_sha256"] != model_sha256:
+        raise RunDirError(f"{run_dir} was embedded by model {fp.get('model')!r} ({fp['model_sha256'][:12]}); "
+                          f"search it with that model (--model {fp.get('model')})")
     keys: list[str] = []
     blocks = []
-    for marker_path in sorted((run_dir / "shards").glob("[0-9]*.json")):
+    for shard in range(int(run.get("shards", 0))):
+        marker_path = run_dir / "shards" / f"{shard:06d}.json"
+        if not marker_path.is_file():  # not committed yet
+            continue
         marker = json.loads(marker_path.read_text())
         table = pq.read_table(run_dir / "shards" / marker["file"], columns=["id", "uri", "status", "embedding"])
-        rows = table.to_pydict()
-        ok = [i for i, s in enumerate(rows["status"]) if s == "ok" and rows["embedding"][i] is not None]
-        keys += [rows["id"][i] or rows["uri"][i] for i in ok]
-        if ok:
-            blocks.append(np.asarray([rows["embedding"][i] for i in ok], np.float32))
+        table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["embedding"])))
+        if not table.num_rows:
+            continue
+        ids, uris = table["id"].to_pylist(), table["uri"].to_pylist()
+        keys += [i or u for i, u in zip(ids, uris, strict=True)]
+        emb = table["embedding"].combine_chunks()
+        blocks.append(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                      .reshape(len(emb), -1))
     return keys, (np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32))
 
 

@@ -188,6 +188,46 @@ class AppStore:
                                (app, inp.id, key, np.ascontiguousarray(inp.embedding, "<f4").tobytes()))
             self._bump(db, app)
 
+    def upsert(self, app: str, inputs: Sequence[NewInput], key: str) -> tuple[int, int]:
+        """Add new inputs and update those the app holds, in one transaction: (added, updated). An update
+        replaces the url, metadata and annotations; its embedding under ``key`` is replaced when given and
+        kept when ``embedding`` is None (its blob, created time and place in the listing stay)."""
+        if not inputs:
+            return 0, 0
+        digests = [self.put_blob(i.data) if i.data is not None else None for i in inputs]
+        now = time.time()
+        with self._write() as db:
+            held = {r[0] for i in range(0, len(inputs), 500) for r in db.execute(
+                f"SELECT id FROM inputs WHERE app = ? AND id IN ({','.join('?' * len(inputs[i:i + 500]))})",
+                (app, *[x.id for x in inputs[i : i + 500]]))}
+            fresh = [i for i in inputs if i.id not in held]
+            count = db.execute("SELECT count(*) FROM inputs WHERE app = ?", (app,)).fetchone()[0]
+            if count + len(fresh) > self.max_inputs:
+                raise StoreError("limit", f"the app holds {count} inputs; {len(fresh)} more is over its limit "
+                                          f"of {self.max_inputs}")
+            seq = db.execute("SELECT coalesce(max(seq), 0) FROM inputs WHERE app = ?", (app,)).fetchone()[0]
+            for inp, digest in zip(inputs, digests, strict=True):
+                sha = digest or (hashlib.sha256(inp.url.encode()).hexdigest() if inp.url else None)
+                if inp.id in held:
+                    db.execute("UPDATE inputs SET url = ?, metadata = ?, status = ?, details = ?, modified = ?, "
+                               "blob = coalesce(?, blob), sha256 = coalesce(?, sha256) WHERE app = ? AND id = ?",
+                               (inp.url, json.dumps(inp.metadata), inp.status, inp.details, now, digest, sha, app,
+                                inp.id))
+                    db.execute("DELETE FROM annotations WHERE app = ? AND input_id = ?", (app, inp.id))
+                else:
+                    seq += 1
+                    db.execute("INSERT INTO inputs (app, id, url, blob, sha256, metadata, status, details, created, "
+                               "modified, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                               (app, inp.id, inp.url, digest, sha, json.dumps(inp.metadata), inp.status,
+                                inp.details, now, now, seq))
+                    held.add(inp.id)
+                self._set_concepts(db, app, inp.id, inp.concepts, now)
+                if inp.embedding is not None:
+                    db.execute("INSERT OR REPLACE INTO embeddings (app, input_id, key, vec) VALUES (?,?,?,?)",
+                               (app, inp.id, key, np.ascontiguousarray(inp.embedding, "<f4").tobytes()))
+            self._bump(db, app)
+        return len(fresh), len(inputs) - len(fresh)
+
     @staticmethod
     def _set_concepts(db: sqlite3.Connection, app: str, input_id: str, concepts: dict[str, int], now: float) -> None:
         for cid, value in concepts.items():
@@ -301,6 +341,11 @@ class AppStore:
 
     def all_ids(self, app: str) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT id FROM inputs WHERE app = ? ORDER BY seq", (app,))]
+
+    def embedded_ids(self, app: str, key: str) -> set[str]:
+        """Ids of the app's inputs that have an embedding under ``key`` (without loading the vectors)."""
+        return {r[0] for r in self._db().execute("SELECT input_id FROM embeddings WHERE app = ? AND key = ?",
+                                                  (app, key))}
 
     def embedding(self, app: str, input_id: str, key: str) -> np.ndarray | None:
         row = self._db().execute("SELECT vec FROM embeddings WHERE app = ? AND key = ? AND input_id = ?",

@@ -44,7 +44,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     settings, loaded = _loaded(args)
     if args.run:
-        keys, matrix = local.run_matrix(Path(args.run))
+        keys, matrix = local.run_matrix(Path(args.run), loaded.tagger.info.sha256)
     elif args.where:
         got = local.embed(loaded, settings, args.where)
         keys, matrix = got.keys, got.matrix

@@ -113,16 +113,77 @@ def cmd_sync(args: argparse.Namespace) -> int:
                           retry_window=window, retry_failed=args.retry_failed, run=args.run)
     tagger, encoder = load(settings)
     cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
+    fill = _app_fill(settings, client, tagger, encoder) if settings.directus_app and not args.dry_run else None
     bar = progress(None, None, args.progress, "directus sync", unit="file")
     with client, bar:
-        summary = run_sync(client, tagger, encoder, settings, options, progress=bar, cache=cache)
-    print(json.dumps(summary.to_json()))
+        summary = run_sync(client, tagger, encoder, settings, options, progress=bar, cache=cache, app=fill)
+        if fill is not None:
+            fill.close()
+    out = summary.to_json()
+    if fill is not None:
+        out["app"] = {"app": _app_name(settings.directus_app), **fill.stats}
+    print(json.dumps(out))
     print(summary.text(), file=sys.stderr)
     if summary.interrupted:
         return 130
     if summary.stopped:
         return 2
     return 1 if summary.failed else 0
+
+
+def _app_name(name: str) -> str:
+    from .app import _app
+
+    return _app(name)
+
+
+def _app_fill(settings, client, tagger, encoder):
+    """The sync's second writer: the app ``settings.directus_app`` of the app store (docs/directus.md)."""
+    from ..app.local import store_of
+    from ..app.store import NewInput
+    from ..core.cache import cache_key
+    from ..directus.app_fill import AppFill
+
+    store, app = store_of(settings), _app_name(settings.directus_app)
+    key = cache_key(tagger.info.sha256, **encoder.variant(settings.fast_decode))
+
+    def put(entries) -> tuple[int, int]:
+        return store.upsert(app, [NewInput(e.id, url=e.url, concepts=e.concepts, metadata=e.metadata,
+                                           embedding=e.embedding) for e in entries], key)
+
+    return AppFill(client, put, held=store.embedded_ids(app, key))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Directus file ids and titles ranked by a text or a photo, through the app ``sync --app`` filled."""
+    from ..app import local
+    from ..core.loader import load
+
+    settings = settings_from(args)
+    if not settings.directus_app:
+        raise ValueError("give --app or set LOCALTAG_DIRECTUS_APP (the app `directus sync --app` filled)")
+    if bool(args.text) == bool(args.image):
+        raise ValueError("give a text query or --image PATH")
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    loaded = load(settings)
+    store, app = local.store_of(settings), _app_name(settings.directus_app)
+    keys, matrix = store.matrix(app, local.embedding_key(loaded, settings))
+    if not keys:
+        log.warning("app %s holds no embeddings of this model: run `localtag directus sync --app %s` first",
+                    app, settings.directus_app)
+    hits = local.search(keys, matrix, local.query_vector(loaded, settings, args.text, args.image), args.limit) \
+        if keys else []
+    records = store.records(app, [h["id"] for h in hits])
+    for h in hits:
+        meta = records.get(h["id"], {}).get("metadata", {})
+        h.update(title=meta.get("title"), filename=meta.get("filename"))
+    if args.json:
+        print(json.dumps({"query": args.text or args.image, "app": app, "hits": hits}, indent=1))
+    else:
+        for h in hits:
+            print(f"{h['score']:.4f}\t{h['id']}\t{h['title'] or h['filename'] or ''}")
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -184,9 +245,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"{Settings.model_fields['directus_min_value'].default:g}, env LOCALTAG_DIRECTUS_MIN_VALUE; "
                    "a calibrated probability when the model has a calibration from `localtag calibrate`, and "
                    "the vocabulary's per-concept thresholds apply too). The flow uses the same defaults")
+    s.add_argument("--app", dest="directus_app", metavar="NAME",
+                   help="also fill this app of the app store (NAME or USER/APP; env LOCALTAG_DIRECTUS_APP): the "
+                   "embeddings the sync computes, person tags as positive annotations, tags a person deleted as "
+                   "negative ones; input ids are the Directus file ids. Files tagged before that the app lacks "
+                   "are downloaded and embedded (not tagged again); a rerun updates, never duplicates")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: on a TTY)")
     s.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="use the embedding cache, so --retag after a vocabulary change skips the image model")
     add_model_flags(s)
     s.set_defaults(func=cmd_sync)
+
+    q = ds.add_parser("search", help="Directus file ids and titles ranked by a text or a photo (the app "
+                      "`sync --app` filled; no Directus needed)")
+    q.add_argument("text", nargs="?", help="what to look for, in words")
+    q.add_argument("--image", help="a photo to search by instead")
+    q.add_argument("--app", dest="directus_app", metavar="NAME",
+                   help="the app `directus sync --app NAME` filled (env LOCALTAG_DIRECTUS_APP)")
+    q.add_argument("--limit", type=int, default=10, help="hits (default 10)")
+    q.add_argument("--json", action="store_true", help='JSON: {"query", "app", "hits": [{"id", "score", "title", '
+                   '"filename"}]}')
+    add_model_flags(q)
+    q.set_defaults(func=cmd_search)

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     directus_max_concepts: int = 10
     directus_retry_window: float = 300.0  # seconds `sync` waits for an unreachable Directus to come back
     directus_language: str | None = None  # the language of the tags `sync` and the flow write (None: English)
+    directus_app: str | None = None  # the app `sync` fills and `directus search` searches (None: no app)
 
     @field_validator("language", "directus_language")
     @classmethod

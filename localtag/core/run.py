@@ -48,6 +48,17 @@ class Writer(Protocol):
     def write(self, batch: Sequence[Scored]) -> None: ...
 
 
+class Tee:
+    """One run, several outputs: each batch goes to every writer, in the order given."""
+
+    def __init__(self, *writers: Writer):
+        self.writers = writers
+
+    def write(self, batch: Sequence[Scored]) -> None:
+        for w in self.writers:
+            w.write(batch)
+
+
 def run(results: Iterable[Result], writer: Writer, *, scorer: Scorer | None = None,
         picking: Picking = DEFAULT_PICKING, chunk: int = 512) -> Tally:
     """Score ``results`` ``chunk`` at a time (one matrix product each) and hand each batch to ``writer``."""

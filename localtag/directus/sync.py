@@ -51,7 +51,7 @@ from ..core.errors import (
     ImageError,
 )
 from ..core.pipeline import Job, Pipeline
-from ..core.run import Scored, run
+from ..core.run import Scored, Tee, run
 from ..core.scorer import Picking
 from ..core.tag import Tag
 from ..core.tagger import Tagger
@@ -75,6 +75,7 @@ WRITERS = 4  # PATCHes at once
 PERMANENT = {CORRUPT, NOT_IMAGE, TOO_MANY_PIXELS, TOO_MANY_BYTES}  # the content itself: recorded, skipped later
 FAILED_BEFORE = "failed before (unchanged since; --retry-failed tries again)"
 RETAGGED_BEFORE = "retagged before in this run"
+APP_ONLY = "_localtag_app_only"  # a Job's meta: walked for the app (tagged before), not for tags
 NOT_IMAGES = {"_or": [{"type": {"_null": True}}, {"type": {"_nstarts_with": "image/"}}]}
 
 
@@ -250,11 +251,14 @@ def run_sync(
     progress: Any = None,
     on_file: Callable[[str, str], None] | None = None,
     cache: Any = None,
+    app: Any = None,
 ) -> Summary:
     """Tag the library; never raises for Directus or per-file trouble: the summary says what happened.
 
     ``progress``: a tqdm-like bar (``total`` and ``update``). ``on_file(file_id, outcome)`` is called
     after each file with "tagged", "skipped" or "failed" (tests use it to pull the plug mid-run).
+    ``app``: a second writer filling an app (:class:`~localtag.directus.app_fill.AppFill`); with it the walk
+    also takes the files tagged before that the app lacks (downloaded and embedded, not tagged again).
     """
     options = options or SyncOptions()
     summary = Summary(run=options.run or uuid.uuid4().hex[:12], dry_run=options.dry_run, retag=options.retag)
@@ -262,7 +266,7 @@ def run_sync(
     try:
         while True:
             try:
-                _Sync(client, tagger, encoder, settings, options, summary, progress, on_file, cache).run()
+                _Sync(client, tagger, encoder, settings, options, summary, progress, on_file, cache, app).run()
                 break
             except DirectusAuthError:
                 raise
@@ -312,8 +316,10 @@ def _wait_for_directus(client: DirectusClient, error: DirectusError, window: flo
 
 
 class _Sync:
-    def __init__(self, client, tagger, encoder, settings, options: SyncOptions, summary: Summary, bar, on_file, cache):
+    def __init__(self, client, tagger, encoder, settings, options: SyncOptions, summary: Summary, bar, on_file, cache,
+                 app=None):
         self.client = client
+        self.app = None if options.dry_run else app
         self.tagger = tagger
         self.encoder = encoder
         self.settings = settings
@@ -353,6 +359,8 @@ class _Sync:
             s.skip("already tagged", done - len(s.mine))  # those this process tagged count as tagged
             walk.append({PROVENANCE_FIELD: {"_null": True}})
         todo = self.client.count_files({"_and": walk} if walk else None)
+        if self.app is not None and self.has_field and not opts.retag:
+            walk.pop()  # the app also wants the files tagged before: _jobs sorts them out
         s.total = s.skipped + todo + carried
         if self.bar is not None:
             self.bar.total = todo
@@ -361,8 +369,9 @@ class _Sync:
         results = pipe.run(self._jobs({"_and": walk} if walk else None))
         going = itertools.takewhile(lambda _: not self.fetch.stop.is_set(), results)
         with contextlib.closing(results), self.writers:
-            run(going, self, scorer=self.tagger.scorer, picking=Picking(self.max_concepts, self.min_value,
-                                                                   language=self.settings.directus_language),
+            writer = self if self.app is None else Tee(self, self.app)  # the sync's writes first, then the app's
+            run(going, writer, scorer=self.tagger.scorer, picking=Picking(self.max_concepts, self.min_value,
+                                                                     language=self.settings.directus_language),
                 chunk=max(1, pipe.batch_size))
         if self.fetch.stop_error is not None:
             raise self.fetch.stop_error
@@ -370,12 +379,22 @@ class _Sync:
     def _jobs(self, walk: dict | None) -> Iterator[Job]:
         fields = ["id", "tags", "filename_download", "filesize", "uploaded_on"]
         fields += [FAILED_FIELD] if self.has_failed else []
-        fields += [PROVENANCE_FIELD] if self.options.retag and self.has_field else []
+        fields += [PROVENANCE_FIELD] if (self.options.retag or self.app is not None) and self.has_field else []
+        fields += [f for f in self.app.fields if f not in fields] if self.app is not None else []
         s = self.summary
         for row in self.client.iter_files(walk, self.options.page_size, fields):
             if self.fetch.stop.is_set():
                 return
             prov = row.get(PROVENANCE_FIELD)
+            if self.app is not None and not self.options.retag and prov is not None:
+                # tagged before (counted up front): only the app's; downloaded when it lacks the embedding
+                if row["id"] in s.mine:
+                    continue
+                if self.app.holds(row["id"]):
+                    self.app.note(row)
+                else:
+                    yield Job(row["id"], lambda file_id=row["id"]: self.fetch(file_id), meta={**row, APP_ONLY: True})
+                continue
             if self.options.retag and isinstance(prov, dict) and prov.get("run") == s.run:
                 if row["id"] not in s.mine:  # a resumed --retag: done by this run id before
                     s.skip(RETAGGED_BEFORE)
@@ -408,6 +427,12 @@ class _Sync:
         if self.fetch.stop.is_set():
             return
         s = self.summary
+        for x in scored:  # files only the app wanted: the sync neither counts nor writes them
+            if x.result.job.meta.get(APP_ONLY):
+                self.fetch.sha256.pop(x.key, None)
+            if x.result.job.meta.get(APP_ONLY) and not x.ok:
+                log.warning("app: directus file %s not added: %s", x.key, x.result.error)
+        scored = [x for x in scored if not x.result.job.meta.get(APP_ONLY)]
         batch = [x.result for x in scored]
         tags_of = {id(x.result): x.tags for x in scored}
         ok = [r for r in batch if r.ok]
