@@ -4,6 +4,7 @@ model: annotate inputs, PostModels (embedding-classifier), PostModelVersions, po
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -213,7 +214,7 @@ def test_custom_model_through_the_official_client(settings, fixture_loaded, cifa
         assert resp.status.code == sc.MODEL_DOES_NOT_EXIST
 
 
-def test_custom_model_over_grpc_and_restart(settings, fixture_loaded, cifar40):
+def test_custom_model_over_grpc_and_restart(settings, fixture_loaded, cifar40, random_store):
     s2 = settings.model_copy(update={"grpc_port": 0})
     with LiveServer(s2, fixture_loaded) as server:
         st = service_pb2_grpc.V2Stub(ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1",
@@ -230,3 +231,39 @@ def test_custom_model_over_grpc_and_restart(settings, fixture_loaded, cifar40):
         assert _predict(st, "boats-g", held, version_id=version.id) == pytest.approx(first, abs=1e-6)
         got = st.ListModelVersions(s.ListModelVersionsRequest(user_app_id=APP, model_id="boats-g"), metadata=MD)
         assert [v.id for v in got.model_versions] == [version.id]
+    # a server on another CLIP model (its embedding space is not the one the head learnt in) refuses the model
+    other = settings.model_copy(update={"models_dir": random_store, "model": "tiny-random"})
+    with LiveServer(other) as server:
+        st = service_pb2_grpc.V2Stub(ClarifaiChannel.get_json_channel(base_url=server.base))
+        resp = st.PostModelOutputs(s.PostModelOutputsRequest(user_app_id=APP, model_id="boats-g", inputs=[
+            r.Input(data=r.Data(image=r.Image(base64=held[0].read_bytes())))]), metadata=MD)
+        assert resp.status.code == sc.MODEL_INVALID_ARGUMENT and "learn it again" in resp.status.details
+
+
+def test_learn_from_an_app_on_the_command_line(cifar40, fixture_model, tmp_path):
+    """`localtag app add --concepts/--not-concepts`, then `localtag learn --app`: a head `--model-head` reads."""
+    from tests.cli_run import run_cli
+
+    env = {"LOCALTAG_MODEL": str(fixture_model), "LOCALTAG_CACHE_DIR": str(tmp_path / "cache"),
+           "LOCALTAG_HEADS_DIR": str(tmp_path / "heads"), "LOCALTAG_APP_DIR": str(tmp_path / "apps"),
+           "LOCALTAG_DEVICE": "cpu"}
+    others = [cifar40[c][i] for i in range(4) for c in CIFAR_CLASSES if c != "ship"][:32]
+    for args in ((*map(str, cifar40["ship"][:16]), "--concepts", "vessel-x"),
+                 (*map(str, others), "--not-concepts", "vessel-x")):
+        r = run_cli("app", "add", *args, "--app", "boats", env=env)
+        assert r.returncode == 0, r.stderr
+    r = run_cli("learn", "--app", "boats", "--name", "boats-cli", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["concepts"] == [{"concept": "vessel-x", "positives": 16, "negatives": 32, "prior": None}]
+    assert out["app"] == "me/boats" and out["images"] == 48
+    held = tmp_path / "held.csv"
+    held.write_text("path,labels\n" + "\n".join(f"{p.as_posix()},{'vessel-x' if c == 'ship' else ''}"
+                                                for c in CIFAR_CLASSES for p in cifar40[c][20:40]) + "\n")
+    r = run_cli("eval", "/", "--labels", str(held), "--model-head", "boats-cli", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["per_concept"]
+    print(f"learn --app: vessel-x AP {row['ap']:.3f} on 200 held-out photos")
+    assert row["name"] == "vessel-x" and row["positives"] == 20 and row["ap"] >= MIN_AP
+    r = run_cli("learn", "--app", "boats", "--name", "nothing", "--concepts", "nothing-x", env=env)
+    assert r.returncode != 0 and "no input of app 'me/boats' is annotated with 'nothing-x'" in r.stderr

@@ -61,6 +61,15 @@ def predict_request(request: service_pb2.PostModelOutputsRequest):
     return req
 
 
+def _concept_values(request, body: dict) -> dict:
+    """Each input's concept values as sent: proto3 leaves a value of 0 (a negative) out of the dict, where
+    the JSON API would read a missing value as 1."""
+    for raw, inp in zip(body.get("inputs") or [], request.inputs, strict=False):
+        for c, concept in zip((raw.get("data") or {}).get("concepts") or [], inp.data.concepts, strict=False):
+            c["value"] = concept.value
+    return body
+
+
 class V2Servicer(service_pb2_grpc.V2Servicer):
     def __init__(self, service: Service):
         self.service = service
@@ -209,7 +218,7 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
 
     async def PostInputs(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.MultiInputResponse,
-                                    lambda api, app, body: api.post_inputs(app, body))
+                                    lambda api, app, body: api.post_inputs(app, _concept_values(request, body)))
 
     async def GetInput(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.SingleInputResponse,
@@ -221,7 +230,7 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
 
     async def PatchInputs(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.MultiInputResponse,
-                                    lambda api, app, body: api.patch_inputs(app, body))
+                                    lambda api, app, body: api.patch_inputs(app, _concept_values(request, body)))
 
     async def DeleteInput(self, request, context):  # noqa: N802
         return await self._app_call(request, context, BaseResponse,
