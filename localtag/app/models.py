@@ -64,6 +64,22 @@ def _dict(x: Any) -> dict:
     return x if isinstance(x, dict) else {}
 
 
+def _config(given: dict) -> dict:
+    """The output_config a model keeps: ``max_concepts`` (0-1000), ``min_value`` (0-1) and Clarifai's two
+    training flags (kept, not used); anything else is an error."""
+    out: dict[str, Any] = {}
+    for k, v in given.items():
+        if k == "max_concepts" and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CONCEPTS):
+            raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, f"output_config.max_concepts: 0 to {MAX_CONCEPTS}")
+        if k == "min_value" and not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, "output_config.min_value: 0 to 1")
+        if k in ("concepts_mutually_exclusive", "closed_environment") and not isinstance(v, bool):
+            raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, f"output_config.{k}: true or false")
+        if k in ("max_concepts", "min_value", "concepts_mutually_exclusive", "closed_environment"):
+            out[k] = v
+    return out
+
+
 class Untrained(ApiError):
     """A model (or the asked version) has no trained head to predict with."""
 
@@ -284,25 +300,27 @@ class ModelsApi:
                 raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, f"model_type_id {mtype!r}: localtag trains "
                                                                 f"{MODEL_TYPE!r} models only")
             info = _dict(raw.get("output_info"))
-            concepts = []
-            for c in _dict(info.get("data")).get("concepts") or []:
+            given = _dict(info.get("data")).get("concepts")
+            concepts: list[str] = []
+            named: list[tuple[str, str]] = []
+            for c in given if isinstance(given, list) else []:
                 cid = _dict(c).get("id") or _dict(c).get("name")
                 if not isinstance(cid, str) or not cid:
                     raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, "a concept of output_info.data.concepts needs an id")
                 if cid not in concepts:
                     concepts.append(cid)
+                    name = _dict(c).get("name")
+                    named.append((cid, name if isinstance(name, str) and name else ""))
             if not concepts:
                 raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, "the model needs output_info.data.concepts "
                                                                 "(the concepts to learn)")
             if len(concepts) > MAX_CONCEPTS:
                 raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, f"{len(concepts)} concepts; at most {MAX_CONCEPTS}")
-            config = {k: v for k, v in _dict(info.get("output_config")).items()
-                      if k in ("max_concepts", "min_value", "concepts_mutually_exclusive", "closed_environment")}
-            named = [(c.get("id") or c.get("name"), c.get("name")) for c in map(_dict, _dict(info.get("data"))
-                                                                                 .get("concepts") or [])]
-            self.store.add_concepts(app, [(cid, name or cid) for cid, name in named
-                                          if cid not in dict(self.store.concepts(app)) or name])
-            if not self.models.create(app, mid, str(raw.get("name") or mid), concepts, config):
+            config = _config(_dict(info.get("output_config")))
+            known = dict(self.store.concepts(app))
+            self.store.add_concepts(app, [(cid, name or cid) for cid, name in named if cid not in known or name])
+            name = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else mid
+            if not self.models.create(app, mid, name, concepts, config):
                 raise ApiError(clarifai.MODEL_INVALID_ARGUMENT, f"model {mid!r} already exists in app {app!r}", 409)
         except ApiError as e:
             return self.error(e)

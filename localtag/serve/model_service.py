@@ -81,10 +81,11 @@ class CustomModels:
         self.api: ModelsApi | None = None
         self.queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self.task: asyncio.Task | None = None
-        self.trained = asyncio.Event()  # set after each version the worker finishes (tests, tools)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         svc = self.service
+        self.loop = asyncio.get_running_loop()
         app_api = await api_for(svc)
         tagger = svc.default.tagger
         scorer = tagger.scorer
@@ -117,8 +118,6 @@ class CustomModels:
                 log.error("training %s/%s %s failed", app, model_id, vid, exc_info=e)
             finally:
                 self.queue.task_done()
-                self.trained.set()
-                self.trained.clear()
 
     # -- calls --------------------------------------------------------------------------------------
     def owns(self, app: str, model_id: str | None) -> bool:
@@ -126,9 +125,10 @@ class CustomModels:
         return self.api is not None and self.service.entry(model_id) is None and self.api.owns(app, model_id)
 
     def post_version(self, app: str, model_id: str, body: dict) -> tuple[int, dict]:
+        """``PostModelVersions`` (from any thread): the version is queued (21103) for the worker."""
         result, vid = self.api.post_version(app, model_id, body)
         if vid is not None:
-            self.queue.put_nowait((app, model_id, vid))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (app, model_id, vid))
         return result
 
     def list_models(self, app: str | None) -> tuple[int, dict]:
