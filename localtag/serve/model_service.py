@@ -132,9 +132,9 @@ class CustomModels:
         return result
 
     def list_models(self, app: str | None) -> tuple[int, dict]:
-        """``ListModels``: with an app named, its custom models; else the served family (as before) and the
-        custom models of ``me/main``."""
-        if app is not None:
+        """``ListModels``: with an app named, its custom models; else (or ``clarifai/main``) the served family
+        (as before) and the custom models of ``me/main``."""
+        if app is not None and app != app_key(clarifai.USER_ID, clarifai.APP_ID):  # clarifai/main: the public ones
             return self.api.ok(models=self.api.list_json(app))
         _, body = self.service.list_models()
         body["models"] = body.get("models", []) + self.api.list_json(app_key(None, None))
