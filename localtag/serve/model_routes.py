@@ -31,10 +31,18 @@ def _send(result: tuple[int, dict]) -> JSONResponse:
 
 def _guard(request: Request) -> JSONResponse | None:
     svc = request.app.state.service
-    if svc is None or getattr(svc, "custom_models", None) is None or svc.custom_models.api is None:
+    if svc is None or getattr(svc, "custom_models", None) is None:
         return _send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting")))
     err = svc.check_auth(request.headers.get("authorization"))
     return _send(err) if err else None
+
+
+def _unavailable(request: Request) -> JSONResponse | None:
+    """503 when the app store could not be opened (the served models still answer)."""
+    if _models(request).api is None:
+        return _send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "custom models are unavailable: "
+                                                   "the app store cannot be opened (see the server's log)")))
+    return None
 
 
 def _models(request: Request) -> CustomModels:
@@ -83,6 +91,10 @@ async def models_route(request: Request):
     if (err := _guard(request)) is not None:
         return err
     m = _models(request)
+    if request.method == "GET" and m.api is None:
+        return _send(request.app.state.service.list_models())
+    if (err := _unavailable(request)) is not None:
+        return err
     if request.method == "GET":
         return _send(await asyncio.to_thread(m.list_models, _app(request) if _scoped(request) else None))
     body = await _body(request)
@@ -105,6 +117,8 @@ async def model_route(request: Request):
         if not m.owns(app, model_id):
             return _send(svc.get_model(model_id))
         return _send(await asyncio.to_thread(m.api.get_model, app, model_id))
+    if (err := _unavailable(request)) is not None:
+        return err
     return _send(await asyncio.to_thread(m.api.delete_model, app, model_id))
 
 
@@ -114,6 +128,8 @@ async def versions_route(request: Request):
         return err
     m = _models(request)
     model_id = request.path_params["model_id"]
+    if (err := _unavailable(request)) is not None:
+        return err
     if request.method == "GET":
         trained = request.query_params.get("trained_only", "").lower() in ("1", "true")
         return _send(await asyncio.to_thread(m.api.list_versions, _app(request), model_id, _int(request, "page", 1),
@@ -137,6 +153,8 @@ async def version_route(request: Request):
     app = _app(request)
     if not m.owns(app, p["model_id"]) and request.method == "GET" and svc.entry(p["model_id"]) is not None:
         return _send(svc.get_model(p["model_id"]))
+    if (err := _unavailable(request)) is not None:
+        return err
     if request.method == "GET":
         return _send(await asyncio.to_thread(m.api.get_version, app, p["model_id"], p["version_id"]))
     return _send(await asyncio.to_thread(m.api.delete_version, app, p["model_id"], p["version_id"]))

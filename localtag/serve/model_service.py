@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,11 @@ class CustomModels:
     async def start(self) -> None:
         svc = self.service
         self.loop = asyncio.get_running_loop()
-        app_api = await api_for(svc)
+        try:
+            app_api = await api_for(svc)
+        except (OSError, sqlite3.Error) as e:  # an unwritable app folder: the rest of the server still serves
+            log.warning("custom models are unavailable: the app store cannot be opened (%s)", e)
+            return
         tagger = svc.default.tagger
         scorer = tagger.scorer
 
