@@ -56,7 +56,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     target = learn.head_path(settings.heads_dir, learn.check_name(args.name))
+    if (args.app is None) == (args.dir is None):
+        raise ValueError("give a folder of labelled images (DIR) or --app NAME, one of the two")
     tagger, encoder = load(settings.model_copy(update={"model_head": None}))
+    if args.app is not None:
+        return _learn_app(args, settings, tagger, encoder, target)
     labels_csv = args.labels or Path(args.dir) / "labels.csv"
     rows = labels_file.read(labels_csv, args.dir)
     names = labels_file.names(labels_csv.read_text(encoding="utf-8-sig"), str(labels_csv))
@@ -104,6 +108,44 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _learn_app(args: argparse.Namespace, settings, tagger, encoder, target: Path) -> int:
+    """``learn --app NAME``: a head from an app's annotations (value 1: positive, 0: negative), as the
+    server's ``PostModelVersions`` trains one (:func:`localtag.app.models.train_head`)."""
+    from ..app.api import ApiError
+    from ..app.local import embedding_key, store_of
+    from ..app.models import train_head
+    from ..app.store import app_key
+    from ..core import learn
+    from ..core.loader import Loaded
+
+    user, _, name = args.app.rpartition("/")
+    app = app_key(user or None, name)
+    store = store_of(settings)
+    concepts = list(args.concepts or [c for c, _ in store.concepts(app)])
+    if not concepts:
+        raise ValueError(f"app {app!r} has no concept: annotate its inputs first (`localtag app add --concepts ... --not-concepts ...`)")
+
+    def prior(concept: str):
+        return None if args.no_prior else learn.prior_of(tagger.scorer, concept)
+
+    key = embedding_key(Loaded(tagger, encoder), settings)
+    try:
+        head, meta, n = train_head(store, app, {"id": args.name, "concepts": concepts}, key, tagger.info.sha256,
+                                   tagger.info.name, prior)
+    except ApiError as e:
+        raise ValueError(f"app {app!r}: {e.details} (status {e.code})") from None
+    head.meta["source"] = {"app": app, "inputs": n}
+    learn.save(head, target)
+    out = {"head": str(target), "name": args.name, "app": app, "model": tagger.info.name,
+           "model_sha256": tagger.info.sha256, "images": n, "failed": 0, "concepts": meta["concepts"],
+           "contradictions": meta["contradictions"], "heldout": []}
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        _table(out)
+    return 0
+
+
 def _table(out: dict[str, Any]) -> None:
     from ..core.evaluate import fmt
 
@@ -126,7 +168,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "a calibrated linear probe per concept over the CLIP image embeddings, with the "
                                    "zero-shot text embedding as the prior for concepts the vocabulary knows. "
                                    "Stored as NAME.npz in --heads-dir; tag with `localtag tag --model-head NAME`.")
-    p.add_argument("dir", type=Path, help="folder the labels' relative paths are resolved against")
+    p.add_argument("dir", type=Path, nargs="?", help="folder the labels' relative paths are resolved against")
+    p.add_argument("--app", help="learn from an app's annotations instead (app name, or USER/APP; `localtag app "
+                                 "add --concepts/--not-concepts`, or PostInputs with concepts on the server): value 1 is a positive, "
+                                 "0 a negative")
     p.add_argument("--labels", type=Path, help="labels CSV: path,labels (labels ';'-separated); default DIR/labels.csv")
     p.add_argument("--name", required=True, help="the head's name (letters, digits, '.', '_', '-')")
     p.add_argument("--concepts", nargs="+", help="learn only these label names (default: every label of the file)")

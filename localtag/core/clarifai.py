@@ -26,6 +26,15 @@ CONN_INVALID_REQUEST = 11102
 MODEL_DOES_NOT_EXIST = 21200
 MODEL_INVALID_ARGUMENT = 21202
 MODEL_TRAINED = 21100
+# custom models (status_code.proto): a version's training states and why training failed
+MODEL_TRAINING = 21101
+MODEL_UNTRAINED = 21102
+MODEL_QUEUED_FOR_TRAINING = 21103
+MODEL_TRAINING_FAILED = 21106
+MODEL_TRAINING_NO_DATA = 21110
+MODEL_TRAINING_NO_POSITIVES = 21111
+MODEL_TRAINING_INSUFFICIENT_DATA = 21117
+MODEL_TRAINING_INVALID_PARAMS = 21118
 INPUT_DOWNLOAD_FAILED = 30002  # INPUT_FAILED in the proto; Clarifai sends it for failed downloads
 INPUT_UNSUPPORTED_FORMAT = 30101
 INPUT_INVALID_ARGUMENT = 30104
@@ -47,6 +56,14 @@ DESCRIPTIONS = {
     MODEL_DOES_NOT_EXIST: "Model does not exist",
     MODEL_INVALID_ARGUMENT: "Invalid model argument",
     MODEL_TRAINED: "Model is trained and ready for deployment",
+    MODEL_TRAINING: "Model is currently training",
+    MODEL_UNTRAINED: "Model has not yet been trained",
+    MODEL_QUEUED_FOR_TRAINING: "Model is currently in queue for training",
+    MODEL_TRAINING_FAILED: "Model training had an error",
+    MODEL_TRAINING_NO_DATA: "Custom model training had no data",
+    MODEL_TRAINING_NO_POSITIVES: "Custom model training had no positive examples",
+    MODEL_TRAINING_INSUFFICIENT_DATA: "Custom model training had insufficient data",
+    MODEL_TRAINING_INVALID_PARAMS: "Invalid parameters for model training",
     INPUT_DOWNLOAD_FAILED: "Download failed; check URL",
     INPUT_UNSUPPORTED_FORMAT: "Input data format is not supported",
     INPUT_INVALID_ARGUMENT: "Invalid input argument",

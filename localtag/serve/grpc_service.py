@@ -2,7 +2,8 @@
 
 Implemented: ``PostModelOutputs``, ``ListModels``, the workflow calls (``PostWorkflows``, ``GetWorkflow``,
 ``ListWorkflows``, ``DeleteWorkflows``, ``DeleteWorkflow``, ``PostWorkflowResults``), ``GetModel``, ``GetModelType``, ``ListModelTypes``,
-``GetModelOutputInfo`` and ``ListModelConcepts``. As on Clarifai's servers, errors travel in
+``GetModelOutputInfo``, ``ListModelConcepts``, the app calls and the custom-model calls (``PostModels``,
+``DeleteModel(s)``, ``PostModelVersions``, ``GetModelVersion``, ``ListModelVersions``, ``DeleteModelVersion``). As on Clarifai's servers, errors travel in
 ``response.status``; the gRPC status stays OK. The servicer runs on the REST server's event loop
 (``grpc.aio``), so both share the models, the batcher and the admission queue.
 
@@ -14,6 +15,7 @@ clients and drops those that do not answer, and a client pinging too often is dr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +61,15 @@ def predict_request(request: service_pb2.PostModelOutputsRequest):
     return req
 
 
+def _concept_values(request, body: dict) -> dict:
+    """Each input's concept values as sent: proto3 leaves a value of 0 (a negative) out of the dict, where
+    the JSON API would read a missing value as 1."""
+    for raw, inp in zip(body.get("inputs") or [], request.inputs, strict=False):
+        for c, concept in zip((raw.get("data") or {}).get("concepts") or [], inp.data.concepts, strict=False):
+            c["value"] = concept.value
+    return body
+
+
 class V2Servicer(service_pb2_grpc.V2Servicer):
     def __init__(self, service: Service):
         self.service = service
@@ -76,16 +87,76 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         except ValidationError as e:
             body = clarifai.error_response(clarifai.CONN_INVALID_REQUEST, describe_errors(e.errors()))
             return _to_proto(body, service_pb2.MultiOutputResponse)
-        _, body = await self.service.predict(req, request.model_id or None)
+        custom, app = self._custom(request)
+        if custom is not None and custom.owns(app, request.model_id):
+            _, body = await custom.predict(req, request.model_id, app, request.version_id or None)
+        else:
+            _, body = await self.service.predict(req, request.model_id or None)
         return _to_proto(body, service_pb2.MultiOutputResponse)
 
+    def _custom(self, request):
+        """The server's custom models (serve.model_service) and the app the request names."""
+        uai = request.user_app_id
+        return self.service.custom_models, app_key(uai.user_id or None, uai.app_id or None)
+
     async def GetModel(self, request, context):  # noqa: N802
-        body = self._denied(context) or self.service.get_model(request.model_id)[1]
+        custom, app = self._custom(request)
+        if (body := self._denied(context)) is None:
+            owned = custom is not None and custom.owns(app, request.model_id)
+            body = (custom.api.get_model(app, request.model_id) if owned else self.service.get_model(request.model_id))[1]
         return _to_proto(body, service_pb2.SingleModelResponse)
 
     async def GetModelOutputInfo(self, request, context):  # noqa: N802
-        body = self._denied(context) or self.service.get_output_info(request.model_id)[1]
+        custom, app = self._custom(request)
+        if (body := self._denied(context)) is None:
+            owned = custom is not None and custom.owns(app, request.model_id)
+            body = (custom.api.get_model(app, request.model_id) if owned
+                    else self.service.get_output_info(request.model_id))[1]
         return _to_proto(body, service_pb2.SingleModelResponse)
+
+    # custom models (serve.model_service, app.models)
+    async def _models_call(self, request, context, answer_type, call):
+        if (denied := self._denied(context)) is not None:
+            return _to_proto(denied, answer_type)
+        custom, app = self._custom(request)
+        if custom is None or custom.api is None:
+            return _to_proto(clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting"),
+                             answer_type)
+        _, out = await asyncio.to_thread(call, custom, app, _to_dict(request))
+        return _to_proto(out, answer_type)
+
+    async def PostModels(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, service_pb2.SingleModelResponse,
+                                       lambda m, app, body: m.api.post_models(app, body))
+
+    async def DeleteModel(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, BaseResponse,
+                                       lambda m, app, body: m.api.delete_model(app, request.model_id))
+
+    async def DeleteModels(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, BaseResponse,
+                                       lambda m, app, body: m.api.delete_models(app, body))
+
+    async def PostModelVersions(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, service_pb2.SingleModelResponse,
+                                       lambda m, app, body: m.post_version(app, request.model_id, body))
+
+    async def GetModelVersion(self, request, context):  # noqa: N802
+        def call(m, app, body):
+            if not m.owns(app, request.model_id) and self.service.entry(request.model_id) is not None:
+                return self.service.get_model(request.model_id)
+            return m.api.get_version(app, request.model_id, request.version_id)
+
+        return await self._models_call(request, context, service_pb2.SingleModelVersionResponse, call)
+
+    async def ListModelVersions(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, service_pb2.MultiModelVersionResponse, lambda m, app, body:
+                                       m.api.list_versions(app, request.model_id, request.page or 1,
+                                                           request.per_page or 128, request.trained_only))
+
+    async def DeleteModelVersion(self, request, context):  # noqa: N802
+        return await self._models_call(request, context, BaseResponse, lambda m, app, body:
+                                       m.api.delete_version(app, request.model_id, request.version_id))
 
     async def ListModelConcepts(self, request, context):  # noqa: N802
         body = self._denied(context) or self.service.list_concepts(request.model_id, request.page,
@@ -93,7 +164,11 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         return _to_proto(body, service_pb2.MultiConceptResponse)
 
     async def ListModels(self, request, context):  # noqa: N802
-        body = self._denied(context) or self.service.list_models()[1]
+        custom, app = self._custom(request)
+        if (body := self._denied(context)) is None:
+            scoped = app if request.user_app_id.app_id else None
+            body = custom.list_models(scoped)[1] if custom is not None and custom.api is not None else \
+                self.service.list_models()[1]
         return _to_proto(body, service_pb2.MultiModelResponse)
 
     # workflows (localtag.serve.workflows)
@@ -143,7 +218,7 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
 
     async def PostInputs(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.MultiInputResponse,
-                                    lambda api, app, body: api.post_inputs(app, body))
+                                    lambda api, app, body: api.post_inputs(app, _concept_values(request, body)))
 
     async def GetInput(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.SingleInputResponse,
@@ -155,7 +230,7 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
 
     async def PatchInputs(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.MultiInputResponse,
-                                    lambda api, app, body: api.patch_inputs(app, body))
+                                    lambda api, app, body: api.patch_inputs(app, _concept_values(request, body)))
 
     async def DeleteInput(self, request, context):  # noqa: N802
         return await self._app_call(request, context, BaseResponse,

@@ -36,11 +36,12 @@ from ..core.errors import ImageError
 from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
 from ..core.scorer import Picking
-from . import app_routes, flow_route, logthrottle
+from . import app_routes, flow_route, logthrottle, model_routes
 from .auth import load_keys
 from .budgets import Full, Holding
 from .family import Family
 from .metrics import Metrics
+from .model_service import CustomModels, request_app
 from .schema import PredictRequest
 from .service import (
     Overloaded,
@@ -297,6 +298,11 @@ async def predict(request: Request):
         return req
     p = request.path_params  # the deployment form names its model in the body, else by the deployment id
     model_id = p.get("model_id") or req.model_id or (req.model.id if req.model else None) or p.get("deployment_id")
+    custom, app = svc.custom_models, request_app(p, req.user_app_id)
+    if custom is not None and custom.owns(app, model_id):  # an app's custom model (serve.model_service)
+        version = p.get("version_id") or req.version_id or (req.model.model_version.id if req.model and
+                                                             req.model.model_version else None)
+        return _answer(await custom.predict(req, model_id, app, version))
     return _answer(await svc.predict(req, model_id))
 
 
@@ -573,6 +579,8 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
         await asyncio.to_thread(service.family.warm)
         service.workflows = Workflows(service, settings.cache_dir / "workflows")
         service.family.embedder.start()
+        service.custom_models = CustomModels(service)
+        await service.custom_models.start()  # the training worker of custom models
         app.state.service = service
         grpc_server = None
         if settings.grpc_port is not None:
@@ -594,6 +602,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
                 await grpc_server.stop(grace=1.0)
             for e in unique:
                 await e.batcher.stop()
+            await service.custom_models.stop()
             await service.family.embedder.stop()
             service.decoder.shutdown()
 
@@ -617,6 +626,7 @@ def create_app(settings: Settings, loaded: Loaded | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
+    app.include_router(model_routes.router)  # before the model routes: custom models first, the rest as before
     _clarifai_routes(app)
     _filestack_routes(app)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])

@@ -135,6 +135,7 @@ class Service:
         self.ready = False
         self.family: Any = None  # serve.family.Family: Clarifai's other public models (set by the server)
         self.workflows: Any = None  # serve.workflows.Workflows (set by the server)
+        self.custom_models: Any = None  # serve.model_service.CustomModels (set by the server)
 
     @property
     def reading(self) -> int:

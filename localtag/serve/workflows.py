@@ -18,8 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..app.api import ApiError
 from ..core import clarifai
 from .fairpool import RequestPixels
+from .model_service import request_app
 from .schema import InputIn
 from .service import Overloaded, PredictOptions, Service, StatusError
 
@@ -99,7 +101,7 @@ class Workflows:
         return sorted(p.stem for p in self.folder.glob("*.json") if ID_RE.match(p.stem))
 
     # -- checking nodes ----------------------------------------------------------------------------
-    def _nodes(self, raw: Any) -> list[dict]:
+    def _nodes(self, raw: Any, app: str = "me/main") -> list[dict]:
         """Validated nodes ``[{id, model: {id}}]``; raises StatusError (unknown model, bad shape)."""
         if not isinstance(raw, list) or not raw:
             raise StatusError(WORKFLOW_INVALID_ARGUMENT, "a workflow needs nodes: [{id, model: {id}}]")
@@ -116,15 +118,41 @@ class Workflows:
             if node_id in seen:
                 raise StatusError(WORKFLOW_INVALID_ARGUMENT, f"node id {node_id!r} is given twice")
             seen.add(node_id)
-            self._runnable(model_id)
-            nodes.append({"id": node_id, "model": {"id": model_id}})
+            model_ref = {"id": model_id, **self._custom_ref(model, app)}
+            self._runnable(model_id, model_ref, check_only=True)
+            nodes.append({"id": node_id, "model": model_ref})
         return nodes
 
-    def _runnable(self, model_id: str):
-        """The entry of a model a workflow may run: the default model or a family model (they share one
-        image embedding); raises StatusError for any other."""
+    def _custom_ref(self, model: dict, app: str) -> dict:
+        """A custom model's app and (optional) version, kept in its node: ``user_id``, ``app_id``, ``model_version``."""
+        svc = self.service
+        if svc.entry(model["id"]) is not None or svc.custom_models is None:
+            return {}
+        if model.get("app_id"):
+            app = request_app({}, model)
+        user_id, app_id = app.split("/", 1)
+        ref: dict = {"user_id": user_id, "app_id": app_id}
+        version = model.get("model_version") if isinstance(model.get("model_version"), dict) else {}
+        if isinstance(version.get("id"), str) and version["id"]:
+            ref["model_version"] = {"id": version["id"]}
+        return ref
+
+    def _runnable(self, model_id: str, ref: dict | None = None, check_only: bool = False):
+        """The entry of a model a workflow may run: the default model, a family model or an app's custom model
+        (they share one image embedding); raises StatusError for any other (and for an untrained custom model,
+        unless ``check_only``)."""
         svc = self.service
         entry = svc.entry(model_id)
+        ref = ref or {}
+        if entry is None and ref.get("app_id") and svc.custom_models is not None:
+            app = f"{ref.get('user_id') or 'me'}/{ref['app_id']}"
+            if svc.custom_models.owns(app, model_id):
+                if check_only:
+                    return None
+                try:
+                    return svc.custom_models.entry(app, model_id, (ref.get("model_version") or {}).get("id"))
+                except ApiError as e:
+                    raise StatusError(e.code, e.details) from None
         if entry is None:
             raise StatusError(clarifai.MODEL_DOES_NOT_EXIST, f"model {model_id!r} is not served here")
         if model_id in svc.entries and entry is not svc.default:
@@ -146,7 +174,8 @@ class Workflows:
                                       "(at most 128)")
                 if wid in BUILT_IN or self._read(wid) is not None or any(d["id"] == wid for d in docs):
                     return _err(409, WORKFLOW_DUPLICATE, f"workflow {wid!r} already exists")
-                docs.append(self._doc(wid, self._nodes(w.get("nodes")), clarifai.now()))
+                docs.append(self._doc(wid, self._nodes(w.get("nodes"), request_app({}, body.get("user_app_id"))),
+                                      clarifai.now()))
         except StatusError as e:
             return _err(404 if e.code == clarifai.MODEL_DOES_NOT_EXIST else 400, e.code, e.details)
         for d in docs:
@@ -196,7 +225,7 @@ class Workflows:
                         f"{len(raw_inputs)} inputs is over the limit of {MAX_WORKFLOW_INPUTS} per workflow call")
         try:
             inputs = [InputIn.model_validate(i) for i in raw_inputs]
-            models = [(n["model"]["id"], self._runnable(n["model"]["id"])) for n in doc["nodes"]]
+            models = [(n["model"]["id"], self._runnable(n["model"]["id"], n["model"])) for n in doc["nodes"]]
         except StatusError as e:  # a stored workflow whose model is no longer served
             return _err(400, e.code, e.details)
         except ValueError as e:
