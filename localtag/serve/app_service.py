@@ -6,6 +6,8 @@ worker, :mod:`localtag.app.worker`) and :func:`stop`."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from ..core.fetch import fetch
 from ..core.pipeline import Job
 from .budgets import Rate, Throttled
 
+log = logging.getLogger(__name__)
 _lock = asyncio.Lock()
 
 
@@ -57,8 +60,13 @@ async def api_for(svc: Any) -> AppApi:
 
 
 async def start(svc: Any) -> None:
-    """Build the API and start its worker: inputs left pending or in progress by a crash are processed."""
-    await (await api_for(svc)).worker.start()
+    """Build the API and start its worker: inputs left pending or in progress by a crash are processed.
+    A store that cannot be opened (a read-only cache folder) does not stop the server: the app routes
+    try again on use and answer the error."""
+    try:
+        await (await api_for(svc)).worker.start()
+    except (OSError, sqlite3.Error) as e:
+        log.error("the app store in %s is unavailable: %s", svc.settings.resolved_app_dir(), e)
 
 
 async def stop(svc: Any) -> None:
