@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from typing import Any
 
 import numpy as np
@@ -65,8 +64,8 @@ async def start(svc: Any) -> None:
     try again on use and answer the error."""
     try:
         await (await api_for(svc)).worker.start()
-    except (OSError, sqlite3.Error) as e:
-        log.error("the app store in %s is unavailable: %s", svc.settings.resolved_app_dir(), e)
+    except Exception as e:  # noqa: BLE001 - the predict routes serve on without the app
+        log.error("the app store in %s is unavailable: %s: %s", svc.settings.resolved_app_dir(), type(e).__name__, e)
 
 
 async def stop(svc: Any) -> None:
