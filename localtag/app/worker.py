@@ -65,8 +65,10 @@ class AppWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the worker outlives one bad round
-                log.error("app worker: %s: %s", type(e).__name__, e)
-                took = 0
+                log.error("app worker: %s: %s; its inputs are pending again", type(e).__name__, e)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.store.requeue)
+                took = 0  # then wait POLL_S before trying again
             if took:
                 continue
             self._wake.clear()
