@@ -11,7 +11,15 @@ import pytest
 
 from localtag.app.api import AppApi
 from localtag.app.search import VectorSearch, recall_at
-from localtag.app.store import AppStore, NewInput, StoreError
+from localtag.app.store import (
+    STATUS_FAILED,
+    STATUS_IN_PROGRESS,
+    STATUS_OK,
+    STATUS_PENDING,
+    AppStore,
+    NewInput,
+    StoreError,
+)
 
 KEY = "sha|exact|fp32|cpu"
 
@@ -206,3 +214,65 @@ def test_index_never_returns_deleted_inputs_and_follows_changes(tmp_path):
     _fill(store, "me/a", _rows(400, seed=1), start=3000)  # 13 % new rows: rebuilt, and they are found
     assert _search(api, "me/a", "i3001")[0] == ("i3001", pytest.approx(1.0))
     assert index_file.stat().st_mtime_ns != built
+
+
+def test_worker_queue_claim_finish_requeue_and_a_deletion_meanwhile(tmp_path):
+    s = AppStore(tmp_path)
+    s.add("me/a", [NewInput("p1", data=b"one", status=STATUS_PENDING),
+                   NewInput("p2", url="http://h/2.jpg", status=STATUS_PENDING),
+                   NewInput("done", data=b"zero", embedding=_vec(9))], KEY)
+    assert s.count("me/a") == {STATUS_PENDING: 2, STATUS_OK: 1}
+    taken = s.claim(10)
+    assert [t["id"] for t in taken] == ["p1", "p2"] and s.count("me/a")[STATUS_IN_PROGRESS] == 2
+    assert s.claim(10) == []  # nothing is taken twice
+    s.close()
+    again = AppStore(tmp_path)  # a crash mid-work: the restart puts them back
+    assert again.requeue() == 2 and again.count("me/a")[STATUS_PENDING] == 2
+    taken = again.claim(10)
+    digest = again.put_blob(b"fetched bytes of 2")
+    again.delete("me/a", ["p2"])  # deleted while in progress
+    again.finish("me/a", [NewInput("p1", status=STATUS_OK, embedding=_vec(1), blob=taken[0]["blob"]),
+                          NewInput("p2", status=STATUS_OK, embedding=_vec(2), blob=digest)], KEY)
+    assert again.get("me/a", "p2") is None and not again.blob_path(digest).exists()
+    assert again.get("me/a", "p1")["status"] == STATUS_OK
+    ids, _ = again.matrix("me/a", KEY)
+    assert sorted(ids) == ["done", "p1"]
+
+
+def test_post_inputs_answers_pending_and_the_worker_processes_them(tmp_path):
+    """AppApi over a real store; the encoder is a fixed function of the bytes (the live-server tests use the
+    real one): PostInputs answers at once, searches see only what the worker has processed."""
+    import asyncio
+    import base64
+
+    from localtag.app.api import AppApi
+    from localtag.core.errors import ImageError
+
+    def embed_images(datas):
+        return [ImageError("not_image", "not an image") if d == b"bad" else _vec(len(d)) for d in datas]
+
+    async def fetch(url):
+        raise ImageError("not_found", f"{url}: HTTP 404")
+
+    api = AppApi(AppStore(tmp_path), KEY, embed_images, lambda t: _vec(0), fetch)
+    b64 = [base64.b64encode(x).decode() for x in (b"img-1", b"img-22", b"bad")]
+    body = {"inputs": [{"id": f"i{n}", "data": {"image": {"base64": b}}} for n, b in enumerate(b64)]
+            + [{"id": "u", "data": {"image": {"url": "http://example.com/x.jpg"}}}]}
+
+    async def scenario():
+        status, out = await api.post_inputs("me/a", body)
+        assert status == 200 and out["status"]["code"] == 10000
+        assert [i["status"]["code"] for i in out["inputs"]] == [STATUS_PENDING] * 4
+        assert api.count("me/a")[1]["counts"] == {"processed": 0, "to_process": 4, "errors": 0, "processing": 0}
+        everything = {"query": {"filters": [{"annotation": {"data": {"metadata": {}}}}]}}
+        assert (await api.search("me/a", everything))[1]["hits"] == []
+        ranked = {"query": {"ranks": [{"annotation": {"data": {"text": {"raw": "x"}}}}]}}
+        assert (await api.search("me/a", ranked))[1]["hits"] == []
+        assert await api.worker.round() == 4
+        assert api.count("me/a")[1]["counts"] == {"processed": 2, "to_process": 0, "errors": 2, "processing": 0}
+        assert {h["input"]["id"] for h in (await api.search("me/a", ranked))[1]["hits"]} == {"i0", "i1"}
+        failed = {i: api.get_input("me/a", i)[1]["input"]["status"] for i in ("i2", "u")}
+        assert failed["i2"]["code"] == STATUS_FAILED and "not an image" in failed["i2"]["details"]
+        assert failed["u"]["code"] == STATUS_FAILED and "404" in failed["u"]["details"]
+
+    asyncio.run(scenario())

@@ -29,7 +29,7 @@ TOP_LEVEL = {"__init__", "__main__"}
 #: the only modules that may import these (top level or inside a function)
 ALLOWED = {
     "fastapi": {"serve.server", "serve.flow_route", "serve.app_routes", "serve.model_routes"},
-    "starlette": {"serve.server"},
+    "starlette": {"serve.server", "serve.app_routes"},
     "uvicorn": {"cli.serve", "serve.http_config"},
     "h11": {"serve.http_config"},
     "grpc": {"serve.grpc_service"},

@@ -18,18 +18,30 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..core import clarifai
 from ..core.errors import ImageError
 from .search import VectorSearch, to_score
-from .store import STATUS_DESCRIPTIONS, STATUS_FAILED, STATUS_OK, AppStore, NewInput, StoreError
+from .store import (
+    STATUS_DESCRIPTIONS,
+    STATUS_FAILED,
+    STATUS_IN_PROGRESS,
+    STATUS_OK,
+    STATUS_PENDING,
+    AppStore,
+    NewInput,
+    StoreError,
+)
+from .worker import AppWorker
 
 log = logging.getLogger(__name__)
 
-MAX_INPUTS_PER_CALL = 128
+MAX_INPUTS_PER_CALL = 128  # Clarifai's own cap on PostInputs
 MAX_PAGE = 1_000_000
+MAX_URL = 8192
 
 
 def _int(value: Any, default: int) -> int:
@@ -48,6 +60,7 @@ def _int(value: Any, default: int) -> int:
 @dataclass
 class Limits:
     max_per_page: int = 1000
+    max_inputs: int = MAX_INPUTS_PER_CALL  # inputs per PostInputs call
     max_text: int = 1000  # characters of a text query
     max_ranks: int = 16
     max_filters: int = 64
@@ -97,6 +110,8 @@ class AppApi:
         self.embed_images, self.embed_text, self.fetch = embed_images, embed_text, fetch
         self.limits = limits or Limits()
         self.max_bytes = max_bytes
+        #: processes what post_inputs accepts; the server's lifespan starts and stops it
+        self.worker = AppWorker(store, key, embed_images, fetch)
 
     # -- JSON shapes --------------------------------------------------------------------------------
     def input_json(self, rec: dict) -> dict:
@@ -118,30 +133,38 @@ class AppApi:
         return e.http, clarifai.error_response(e.code, e.details)
 
     # -- inputs -------------------------------------------------------------------------------------
-    async def _source(self, image: dict) -> tuple[str | None, bytes]:
+    def _source(self, image: dict) -> tuple[str | None, bytes | None]:
+        """(url, bytes) of one input, checked but not fetched: base64 decoded and within the blob cap,
+        or an http(s) URL. Raises :class:`ApiError` with the input's own status code."""
         if image.get("base64"):
             try:
                 data = base64.b64decode(image["base64"], validate=False)
             except (binascii.Error, ValueError, TypeError):
-                raise ImageError("corrupt", "data.image.base64 is not base64") from None
+                raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "data.image.base64 is not base64") from None
             if len(data) > self.max_bytes:
-                raise ImageError("too_large", f"{len(data)} bytes is over the {self.max_bytes}-byte limit")
-            return image.get("url") or None, data
+                raise ApiError(clarifai.INPUT_OVER_LIMIT,
+                               f"{len(data)} bytes is over the {self.max_bytes}-byte limit of one image")
+            url = image.get("url")
+            return (url if isinstance(url, str) and url else None), data
         url = image.get("url")
         if not isinstance(url, str) or not url:
             raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "an input needs data.image.url or data.image.base64")
-        return url, await self.fetch(url)
+        if urlsplit(url).scheme.lower() not in ("http", "https") or len(url) > MAX_URL:
+            raise ApiError(clarifai.INPUT_INVALID_URL, f"{url[:200]!r} is not an http(s) URL")
+        return url, None
 
     async def post_inputs(self, app: str, body: dict) -> tuple[int, dict]:
-        """Fetch, embed and store up to 128 inputs; each answers its own status (30000, or 30002 and
-        the reason); an input that fails is not stored. The whole call fails only on a bad request."""
+        """Check and store up to ``limits.max_inputs`` inputs, and answer at once: each accepted input
+        is pending (30001) until the worker (:mod:`localtag.app.worker`) has fetched, decoded and
+        embedded it; an input that fails the checks answers its own status (bad base64, over the blob
+        cap, not an http(s) URL) and is not stored. The whole call fails only on a bad request."""
         inputs = _list(body.get("inputs"))
+        cap = self.limits.max_inputs
         try:
             if not inputs:
                 raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "inputs is empty")
-            if len(inputs) > MAX_INPUTS_PER_CALL:
-                raise ApiError(clarifai.INPUT_INVALID_ARGUMENT,
-                               f"{len(inputs)} inputs; at most {MAX_INPUTS_PER_CALL} per call")
+            if len(inputs) > cap:
+                raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, f"{len(inputs)} inputs; at most {cap} per call")
             news: list[NewInput] = []
             seen: set[str] = set()
             for raw in inputs:
@@ -154,45 +177,37 @@ class AppApi:
                 meta = data.get("metadata") or {}
                 if not isinstance(meta, dict):
                     raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, "data.metadata must be a JSON object")
-                news.append(NewInput(iid, concepts=concept_values(data.get("concepts")), metadata=meta))
+                news.append(NewInput(iid, concepts=concept_values(data.get("concepts")), metadata=meta,
+                                     status=STATUS_PENDING))
             taken = self.store.records(app, [n.id for n in news])
             if taken:
                 raise ApiError(clarifai.INPUT_INVALID_ARGUMENT, f"input id(s) already exist: {sorted(taken)[:5]}")
         except ApiError as e:
             return self.error(e)
-        got = await asyncio.gather(*(self._source(_dict(_dict(_dict(r).get("data")).get("image")))
-                                     for r in inputs), return_exceptions=True)
-        ok_idx = []
-        for i, (n, g) in enumerate(zip(news, got, strict=True)):
-            if isinstance(g, BaseException):
-                n.status, n.details = STATUS_FAILED, getattr(g, "details", None) or str(g)
-                if not isinstance(g, ImageError | ApiError):
-                    log.warning("input %s: %s", n.id, g)
-            else:
-                n.url, n.data = g
-                ok_idx.append(i)
-        embs = await asyncio.to_thread(self.embed_images, [news[i].data for i in ok_idx]) if ok_idx else []
-        for i, e in zip(ok_idx, embs, strict=True):
-            if isinstance(e, ImageError):
-                news[i].status, news[i].details, news[i].data = STATUS_FAILED, str(e), None
-            else:
-                news[i].embedding = e
-        stored = [n for n in news if n.status == STATUS_OK]
+        refused: dict[str, ApiError] = {}
+        for n, raw in zip(news, inputs, strict=True):
+            try:
+                n.url, n.data = self._source(_dict(_dict(_dict(raw).get("data")).get("image")))
+            except ApiError as e:
+                refused[n.id] = e
+        stored = [n for n in news if n.id not in refused]
         try:
             if stored:
                 await asyncio.to_thread(self.store.add, app, stored, self.key)
         except StoreError as e:
             return self.error(ApiError(clarifai.INPUT_OVER_LIMIT if e.kind in ("limit", "blob")
                                        else clarifai.INPUT_INVALID_ARGUMENT, str(e)))
+        if stored:
+            self.worker.wake()
         recs = self.store.records(app, [n.id for n in stored])
         out = []
         for n in news:
             if n.id in recs:
                 out.append(self.input_json(recs[n.id]))
             else:
-                out.append({"id": n.id, "data": {}, "status": clarifai.status(STATUS_FAILED, None, n.details)})
-        failed = len(news) - len(stored)
-        code = clarifai.batch_code(len(news), failed)
+                e = refused[n.id]
+                out.append({"id": n.id, "data": {}, "status": clarifai.status(e.code, None, e.details)})
+        code = clarifai.batch_code(len(news), len(refused))
         return 200, {"status": clarifai.status(code), "inputs": out}
 
     def get_input(self, app: str, input_id: str) -> tuple[int, dict]:
@@ -207,9 +222,10 @@ class AppApi:
         return self.ok(inputs=[self.input_json(r) for r in self.store.list(app, max(page, 1), per_page, list(ids))])
 
     def count(self, app: str) -> tuple[int, dict]:
+        """GetInputCount: inputs processed, pending (to_process), failed (errors) and in progress."""
         by = self.store.count(app)
-        return self.ok(counts={"processed": by.get(STATUS_OK, 0), "to_process": 0,
-                               "errors": sum(v for k, v in by.items() if k != STATUS_OK), "processing": 0})
+        return self.ok(counts={"processed": by.get(STATUS_OK, 0), "to_process": by.get(STATUS_PENDING, 0),
+                               "errors": by.get(STATUS_FAILED, 0), "processing": by.get(STATUS_IN_PROGRESS, 0)})
 
     def patch_inputs(self, app: str, body: dict) -> tuple[int, dict]:
         action = body.get("action") or "merge"
@@ -324,7 +340,9 @@ class AppApi:
                 vecs.append(await asyncio.to_thread(self.embed_text, text))
             image = _dict(data.get("image"))
             if image.get("url") or image.get("base64"):
-                _, raw = await self._source(image)
+                url, raw = self._source(image)
+                if raw is None:
+                    raw = await self.fetch(url)
                 got = (await asyncio.to_thread(self.embed_images, [raw]))[0]
                 if isinstance(got, ImageError):
                     raise got
@@ -335,7 +353,11 @@ class AppApi:
             if input_id:
                 emb = self.store.embedding(app, input_id, self.key)
                 if emb is None:
-                    raise ApiError(clarifai.CONN_DOES_NOT_EXIST, f"input {input_id!r} not found", 404)
+                    rec = self.store.get(app, input_id)
+                    if rec is None:
+                        raise ApiError(clarifai.CONN_DOES_NOT_EXIST, f"input {input_id!r} not found", 404)
+                    raise ApiError(clarifai.SEARCH_BY_NOT_FULLY_INDEXED_INPUT, f"input {input_id!r} is not processed "
+                                   f"({STATUS_DESCRIPTIONS.get(rec['status'], rec['status'])})")
                 vecs.append(emb)
             for cid, value in concept_values(data.get("concepts")).items():
                 v = await asyncio.to_thread(self.embed_text, cid)
@@ -374,8 +396,9 @@ class AppApi:
     def _hits(self, app: str, vec: np.ndarray | None, filters: list[tuple[dict, bool]], k: int
               ) -> list[tuple[str, float]]:
         allowed = self._allowed(app, filters)
-        if vec is None:  # filters alone: newest first, score 1
-            ids = list(reversed(self.store.all_ids(app)))
+        if vec is None:  # filters alone: newest first, score 1; processed inputs unless a filter names a status
+            by_status = any(_dict(ann.get("status")).get("code") for ann, _ in filters)
+            ids = list(reversed(self.store.all_ids(app, None if by_status else STATUS_OK)))
             return [(i, 1.0) for i in ids if allowed is None or i in allowed][:k]
         ids, mat = self.store.matrix(app, self.key)
         if not ids:

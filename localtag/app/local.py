@@ -117,7 +117,7 @@ def query_vector(loaded: Any, settings: Settings, text: str | None, image: str |
         if not got.keys:
             raise ValueError(f"{image}: {next(iter(got.errors.values()), 'unreadable')}")
         return got.matrix[0]
-    return loaded.tagger.text.encode([text or ""])[0].numpy().astype(np.float32)
+    return loaded.tagger.text.query(text or "")  # the prompt templates, as a concept is embedded
 
 
 def search(keys: Sequence[str], matrix: np.ndarray, query: np.ndarray, k: int) -> list[dict[str, Any]]:

@@ -33,10 +33,15 @@ from typing import Any
 import numpy as np
 
 FILENAME = "app.sqlite3"
-#: input status codes (Clarifai's INPUT_DOWNLOAD_SUCCESS / INPUT_DOWNLOAD_FAILED)
+#: input status codes (clarifai/api/status/status_code.proto: INPUT_DOWNLOAD_SUCCESS, _PENDING, _FAILED,
+#: _IN_PROGRESS). PostInputs stores an input pending; the app's worker takes it (in progress), fetches,
+#: decodes and embeds it, and leaves it processed (with its embedding) or failed (with the reason).
 STATUS_OK = 30000
+STATUS_PENDING = 30001
 STATUS_FAILED = 30002
-STATUS_DESCRIPTIONS = {STATUS_OK: "Download complete", STATUS_FAILED: "Download failed; check URL"}
+STATUS_IN_PROGRESS = 30003
+STATUS_DESCRIPTIONS = {STATUS_OK: "Download complete", STATUS_PENDING: "Download pending",
+                       STATUS_FAILED: "Download failed; check URL", STATUS_IN_PROGRESS: "Download in progress"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (app TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0,
@@ -46,6 +51,7 @@ CREATE TABLE IF NOT EXISTS inputs (
     status INTEGER NOT NULL, details TEXT, created REAL NOT NULL, modified REAL NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (app, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS inputs_seq ON inputs (app, seq);
+CREATE INDEX IF NOT EXISTS inputs_status ON inputs (status, created);
 CREATE TABLE IF NOT EXISTS annotations (
     app TEXT NOT NULL, input_id TEXT NOT NULL, concept TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (app, input_id, concept)) WITHOUT ROWID;
@@ -79,6 +85,7 @@ class NewInput:
     embedding: np.ndarray | None = None
     status: int = STATUS_OK
     details: str | None = None
+    blob: str | None = None  # the digest of bytes already kept (put_blob), for :meth:`AppStore.finish`
 
 
 def app_key(user_id: str | None, app_id: str | None) -> str:
@@ -286,6 +293,47 @@ class AppStore:
             self.blob_path(d).unlink(missing_ok=True)
         return n
 
+    # -- the worker's queue -------------------------------------------------------------------------
+    def requeue(self) -> int:
+        """Inputs left in progress (a crash or a stop mid-work) go back to pending; returns how many."""
+        with self._write() as db:
+            return db.execute("UPDATE inputs SET status = ? WHERE status = ?",
+                              (STATUS_PENDING, STATUS_IN_PROGRESS)).rowcount
+
+    def claim(self, limit: int) -> list[dict[str, Any]]:
+        """Take up to ``limit`` pending inputs, oldest first, and mark them in progress (one transaction):
+        ``[{app, id, url, blob}]``."""
+        with self._write() as db:
+            rows = db.execute("SELECT app, id, url, blob FROM inputs WHERE status = ? ORDER BY created LIMIT ?",
+                              (STATUS_PENDING, limit)).fetchall()
+            for app, iid, _, _ in rows:
+                db.execute("UPDATE inputs SET status = ? WHERE app = ? AND id = ?", (STATUS_IN_PROGRESS, app, iid))
+        return [{"app": a, "id": i, "url": u, "blob": b} for a, i, u, b in rows]
+
+    def finish(self, app: str, done: Sequence[NewInput], key: str) -> None:
+        """Record the worker's results (status, details, blob, embedding) in one transaction. An input
+        deleted meanwhile stays deleted (a blob only it would have used is removed)."""
+        now = time.time()
+        orphans = []
+        with self._write() as db:
+            for inp in done:
+                digest = inp.blob
+                cur = db.execute("UPDATE inputs SET status = ?, details = ?, blob = coalesce(?, blob), "
+                                 "sha256 = coalesce(?, sha256), modified = ? WHERE app = ? AND id = ? AND status = ?",
+                                 (inp.status, inp.details, digest, digest, now, app, inp.id, STATUS_IN_PROGRESS))
+                if cur.rowcount == 0:
+                    if digest:
+                        orphans.append(digest)
+                    continue
+                if inp.embedding is not None and inp.status == STATUS_OK:
+                    db.execute("INSERT OR REPLACE INTO embeddings (app, input_id, key, vec) VALUES (?,?,?,?)",
+                               (app, inp.id, key, np.ascontiguousarray(inp.embedding, "<f4").tobytes()))
+            self._bump(db, app)
+            unused = [d for d in orphans
+                      if db.execute("SELECT 1 FROM inputs WHERE blob = ? LIMIT 1", (d,)).fetchone() is None]
+        for d in unused:
+            self.blob_path(d).unlink(missing_ok=True)
+
     def add_concepts(self, app: str, concepts: Sequence[tuple[str, str]]) -> None:
         now = time.time()
         with self._write() as db:
@@ -339,8 +387,12 @@ class AppStore:
             "(SELECT id FROM concepts WHERE app = ? AND name = ?))", (app, value, concept, app, concept))
         return {r[0] for r in rows}
 
-    def all_ids(self, app: str) -> list[str]:
-        return [r[0] for r in self._db().execute("SELECT id FROM inputs WHERE app = ? ORDER BY seq", (app,))]
+    def all_ids(self, app: str, status: int | None = None) -> list[str]:
+        """The app's input ids, oldest first; ``status``: only inputs in that status."""
+        if status is None:
+            return [r[0] for r in self._db().execute("SELECT id FROM inputs WHERE app = ? ORDER BY seq", (app,))]
+        return [r[0] for r in self._db().execute("SELECT id FROM inputs WHERE app = ? AND status = ? ORDER BY seq",
+                                                 (app, status))]
 
     def embedded_ids(self, app: str, key: str) -> set[str]:
         """Ids of the app's inputs that have an embedding under ``key`` (without loading the vectors)."""

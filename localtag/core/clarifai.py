@@ -43,6 +43,8 @@ INPUT_INVALID_URL = 30106
 PREDICT_INVALID_REQUEST = 40001
 INTERNAL_SERVER_ISSUE = 98004
 MODEL_BUSY = 21354  # MODEL_BUSY_PLEASE_RETRY: the official SDK retries it
+CONN_THROTTLED = 11005
+SEARCH_BY_NOT_FULLY_INDEXED_INPUT = 43004
 
 DESCRIPTIONS = {
     SUCCESS: "Ok",
@@ -72,6 +74,8 @@ DESCRIPTIONS = {
     PREDICT_INVALID_REQUEST: "Invalid request",
     INTERNAL_SERVER_ISSUE: "Internal server issue",
     MODEL_BUSY: "Model is busy; please retry",
+    CONN_THROTTLED: "Making too many requests",
+    SEARCH_BY_NOT_FULLY_INDEXED_INPUT: "Input is not fully indexed yet",
 }
 
 # how a failed image maps to an output status

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     app_max_blob_bytes: int = 20_000_000  # bytes of one stored image
     app_max_per_page: int = 1000  # hits or inputs per page
     app_ann_min_rows: int = 20_000  # an app this large searches a faiss PQ index (+ exact re-rank), not exactly
+    app_max_inputs_per_call: int = 128  # inputs in one PostInputs call (Clarifai's cap)
+    app_max_query_chars: int = 1000  # characters of a search's text query
+    app_client_inputs_per_minute: int = 6000  # inputs one client address may add per minute (0: no cap)
 
     # server
     host: str = "127.0.0.1"

@@ -77,6 +77,11 @@ class TextIndex:
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
+    def query(self, text: str) -> np.ndarray:
+        """A free-text query embedded as a concept is: ``text`` through every template, averaged and
+        L2-normalised (float32 [D]), so the search query "ship" is the concept "ship"'s embedding."""
+        return self._ensemble([[t.format(text) for t in self.templates]])[0].numpy().astype(np.float32)
+
     def _ensemble(self, groups: list[list[str]]) -> torch.Tensor:
         flat = [t for g in groups for t in g]
         feats = self.encode(flat, progress=self.progress if len(flat) > 256 else False)

@@ -13,12 +13,14 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from ..app.api import AppApi
 from ..app.store import app_key
 from ..core import clarifai
 from ..core.limits import TooLarge, read_capped_async
-from .app_service import api_for
+from .app_service import api_for, throttled
+from .budgets import Full, Holding
 
 router = APIRouter(tags=["app"])
 PREFIXES = ("/v2/users/{user_id}/apps/{app_id}", "/v2")
@@ -28,8 +30,11 @@ async def _api(request: Request) -> AppApi:
     return await api_for(request.app.state.service)
 
 
-def _send(result: tuple[int, dict]) -> JSONResponse:
-    return JSONResponse(result[1], status_code=result[0])
+def _send(result: tuple[int, dict], retry_after: float | None = None, close: bool = False) -> JSONResponse:
+    headers = {"Retry-After": f"{retry_after:.0f}"} if retry_after else {}
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse(result[1], status_code=result[0], headers=headers or None)
 
 
 def _app(request: Request, body: dict | None = None) -> str:
@@ -48,12 +53,38 @@ async def _guard(request: Request) -> JSONResponse | None:
     return _send(err) if err else None
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def _chunks(request: Request, holding: Holding):
+    async for chunk in request.stream():
+        holding.add(len(chunk))
+        yield chunk
+
+
 async def _body(request: Request) -> dict | JSONResponse:
-    cap = request.app.state.service.settings.max_request_bytes
+    """The JSON body, read as the predict routes read theirs: within ``max_request_bytes`` (413), the
+    server's body readers and body-byte budgets, in all and per client (503, Clarifai's 21354, the
+    official clients retry it) and ``body_timeout`` (408)."""
+    svc = request.app.state.service
+    s, client = svc.settings, _client(request)
+    cap = s.max_request_bytes
     try:
-        raw = await read_capped_async(request.stream(), cap, request.headers.get("content-length"))
+        with svc.body_slot(client), svc.body_bytes.hold(client) as holding:
+            raw = await asyncio.wait_for(read_capped_async(_chunks(request, holding), cap,
+                                                           request.headers.get("content-length")), s.body_timeout)
     except TooLarge:
-        return _send((413, clarifai.error_response(clarifai.INPUT_OVER_LIMIT, f"the request body is over {cap} bytes")))
+        return _send((413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
+                                                   f"the request body is over {cap} bytes")), close=True)
+    except Full as e:
+        return _send(svc.overloaded_response(e), retry_after=1, close=True)
+    except asyncio.TimeoutError:
+        return _send((408, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
+                                                   f"the request body did not arrive within {s.body_timeout:g} s")),
+                     close=True)
+    except ClientDisconnect:
+        return JSONResponse({}, status_code=499)
     if not raw.strip():
         return {}
     try:
@@ -78,7 +109,10 @@ async def post_inputs(request: Request):
     body = await _body(request)
     if isinstance(body, JSONResponse):
         return body
-    return _send(await (await _api(request)).post_inputs(_app(request, body), body))
+    api = await _api(request)
+    if (limited := throttled(request.app.state.service, _client(request), body)) is not None:
+        return _send(limited[:2], retry_after=limited[2])
+    return _send(await api.post_inputs(_app(request, body), body))
 
 
 async def list_inputs(request: Request):

@@ -3,7 +3,9 @@
 - :class:`Slots` counts things held at once (connections, body readers) against a total and a
   per-client cap;
 - :class:`ByteBudget` counts bytes held at once (bodies still arriving, Filestack uploads spooled to
-  temp files) against a total and a per-client cap.
+  temp files) against a total and a per-client cap;
+- :class:`Rate` counts things per minute per client (the app's inputs added); past it :class:`Throttled`
+  (the app routes answer 429, Clarifai's 11005 CONN_THROTTLED, with ``Retry-After``).
 
 Past a cap the caller gets :class:`Full` (the server answers 503, Clarifai's 21354, with ``Retry-After``),
 so one client, or many together, cannot take the server's memory, disk or connections.
@@ -13,7 +15,8 @@ A cap of 0 or less means no cap.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 
 class Full(Exception):
@@ -113,3 +116,37 @@ class ByteBudget:
             yield h
         finally:
             h.release()
+
+
+class Throttled(Exception):
+    """A client went over its rate; ``retry_after``: seconds until the request would pass."""
+
+    def __init__(self, what: str, per_minute: int, retry_after: float):
+        self.what, self.per_minute, self.retry_after = what, per_minute, retry_after
+        super().__init__(f"this client's limit of {per_minute} {what} per minute is reached; "
+                         f"retry in {retry_after:.0f} s")
+
+
+class Rate:
+    """Things per minute per client (a token bucket holding at most one minute's worth). A rate of 0
+    or less means no cap. ``clock``: seconds (monotonic)."""
+
+    def __init__(self, what: str, per_minute: int | None, clock: Callable[[], float] | None = None):
+        self.what, self.per_minute = what, _capped(per_minute)
+        self.clock = clock or time.monotonic
+        self.buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when)
+
+    def take(self, client: str, n: int = 1) -> None:
+        """Spend ``n`` for ``client``; raises :class:`Throttled` (and spends nothing) past the rate."""
+        if self.per_minute is None:
+            return
+        cap, now = float(self.per_minute), self.clock()
+        tokens, when = self.buckets.get(client, (cap, now))
+        tokens = min(cap, tokens + (now - when) * cap / 60.0)
+        if n > tokens:
+            wait = (n - tokens) * 60.0 / cap if n <= cap else 60.0
+            self.buckets[client] = (tokens, now)
+            raise Throttled(self.what, self.per_minute, max(1.0, wait))
+        self.buckets[client] = (tokens - n, now)
+        if len(self.buckets) > 10_000:  # forget clients whose bucket is full again
+            self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items() if t + (now - w) * cap / 60.0 < cap}

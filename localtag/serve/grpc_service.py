@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from ..app.store import app_key
 from ..core import clarifai
-from .app_service import api_for
+from .app_service import api_for, throttled
 from .schema import DataIn, ImageIn, PredictRequest
 from .service import Service, describe_errors
 
@@ -217,8 +217,11 @@ class V2Servicer(service_pb2_grpc.V2Servicer):
         return _to_proto(out, answer_type)
 
     async def PostInputs(self, request, context):  # noqa: N802
-        return await self._app_call(request, context, service_pb2.MultiInputResponse,
-                                    lambda api, app, body: api.post_inputs(app, _concept_values(request, body)))
+        def post(api, app, body):
+            limited = throttled(self.service, _peer_host(context.peer() or ""), body)
+            return (limited[0], limited[1]) if limited else api.post_inputs(app, _concept_values(request, body))
+
+        return await self._app_call(request, context, service_pb2.MultiInputResponse, post)
 
     async def GetInput(self, request, context):  # noqa: N802
         return await self._app_call(request, context, service_pb2.SingleInputResponse,
@@ -304,3 +307,9 @@ async def start_grpc(service: Service, host: str, port: int) -> tuple[grpc.aio.S
     await server.start()
     log.info("gRPC on %s:%d", host, bound)
     return server, bound
+
+
+def _peer_host(peer: str) -> str:
+    """gRPC's peer ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555") → the address the REST routes count by."""
+    addr = peer.split(":", 1)[1] if ":" in peer else peer
+    return addr.rsplit(":", 1)[0].strip("[]") if addr.count(":") >= 1 else addr

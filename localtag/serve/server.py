@@ -36,7 +36,7 @@ from ..core.errors import ImageError
 from ..core.limits import TooLarge, cap_stream, read_capped_async
 from ..core.loader import Loaded
 from ..core.scorer import Picking
-from . import app_routes, flow_route, logthrottle, model_routes
+from . import app_routes, app_service, flow_route, logthrottle, model_routes
 from .auth import load_keys
 from .budgets import Full, Holding
 from .family import Family
@@ -589,6 +589,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
             grpc_server, app.state.grpc_port = await start_grpc(service, settings.host, settings.grpc_port)
         if flow_route.flow_configured(settings):
             app.state.directus_flow = flow_route.make_worker(service, settings)
+        await app_service.start(service)  # the app's store and its PostInputs worker
         service.ready = True
         log.info("serving %s on %d model(s)%s", ", ".join(sorted(entries)), len(unique),
                  "" if keys else " without API keys (any key is accepted)")
@@ -600,6 +601,7 @@ def _lifespan(settings: Settings, loaded: Loaded | None, keys: list[bytes], metr
                 await app.state.directus_flow.drain()
             if grpc_server is not None:
                 await grpc_server.stop(grace=1.0)
+            await app_service.stop(service)
             for e in unique:
                 await e.batcher.stop()
             await service.custom_models.stop()
