@@ -59,9 +59,8 @@ LAMBDA_BIAS = 1e-2
 NEWTON_STEPS = 100
 CG_STEPS = 200  # conjugate-gradient steps per Newton step (at most)
 FOLDS = 3
-#: the shaped pull for a concept with a zero-shot prior: off (bench/bench_learn.py's prior setting, 5 seeds:
-#: it lowered held-out mAP at every k >= 2, by up to 0.015 at k = 16; without a prior it raises it by
-#: 0.001-0.020)
+#: the shaped pull for a concept with a zero-shot prior: off (bench/bench_learn.py --prior-shaped, 5 seeds:
+#: it lowers held-out mAP at every k, by 0.001-0.015; without a prior it raises it by 0.001-0.020)
 SHAPED_WITH_PRIOR = False
 _PULLS = {True: "within-class shaped", False: "L2"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
