@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -45,7 +44,19 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from raw_http import alive, chunk, connect, filestack_head, gzip_zeros, one, post_head, rotated_jpeg, thin_png  # noqa: E402
+from raw_http import (  # noqa: E402
+    EncodedFiles,
+    alive,
+    chunk,
+    connect,
+    filestack_head,
+    gzip_zeros,
+    one,
+    post_head,
+    rotated_jpeg,
+    thin_png,
+    wait_ready,
+)
 
 KEY = "bench-key-0123"
 ATTACKER = "127.0.0.2"
@@ -283,33 +294,13 @@ def gzip_bomb(zeros: int = 1 << 30) -> bytes:
     return gzip_zeros(zeros, layers=2)
 
 
-class BombServer(ThreadingHTTPServer):
+class BombServer(EncodedFiles):
     """Serves the nested-gzip bomb at ``/bomb`` from ATTACKER."""
-
-    daemon_threads = True
 
     def __init__(self):
         body = gzip_bomb()
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Encoding", "gzip, gzip")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except OSError:
-                    pass
-
-        super().__init__((ATTACKER, 0), Handler)
+        super().__init__({"/bomb": (body, "gzip, gzip", "image/png")}, ATTACKER)
         self.bomb_bytes = len(body)
-        self.host = f"{ATTACKER}:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 def poster(base: str, bodies: list[bytes], stop: threading.Event, counts: dict) -> None:
@@ -426,16 +417,8 @@ def main() -> int:
     server = subprocess.Popen(cmd, env=env, cwd=args.repo, stdout=subprocess.DEVNULL, stderr=log_path.open("w"))
     results: dict = {}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("serve did not start; see bench_attack.log")
-            time.sleep(0.2)
+        if not wait_ready(base, server, 180):
+            raise SystemExit("serve did not start; see bench_attack.log")
         good_load(base, good, 2, 2.0)  # warm
         idle = rss(server.pid)
         table = {**attacks(base, port, grpc_port, bomb_server.host),

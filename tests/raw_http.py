@@ -2,7 +2,7 @@
 bench/bench_attack.py: requests sent by hand (slow, half-sent or never finished: what an HTTP client
 will not make), reading what the server sent back, and the hostile images and bodies they send.
 
-Standard library and Pillow only, so the bench imports it without the test fixtures
+Standard library, httpx and Pillow only, so the bench imports it without the test fixtures
 (``sys.path`` holding this folder; pytest puts it there for the tests).
 """
 
@@ -13,9 +13,13 @@ import gzip
 import io
 import json
 import socket
+import subprocess
+import threading
 import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 from PIL import Image
 
 GENERAL = "/v2/models/general-image-recognition/outputs"
@@ -154,3 +158,50 @@ def gzip_zeros(n_zeros: int, layers: int = 1) -> bytes:
     for _ in range(layers - 1):
         out = gzip.compress(out, 9)
     return out
+
+
+# -- servers -----------------------------------------------------------------------------------------------
+class EncodedFiles(ThreadingHTTPServer):
+    """A web server (in a thread) that answers ``GET path`` with ``files[path] = (body, Content-Encoding,
+    Content-Type)`` as they are (a compression bomb is served compressed); ``host``: ``address:port``."""
+
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, tuple[bytes, str, str]], address: str = "127.0.0.1"):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                body, coding, kind = files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Encoding", coding)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+        super().__init__((address, 0), Handler)
+        self.host = f"{address}:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``base``/readyz until it answers 200 (True), or ``proc`` exits or ``timeout`` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)

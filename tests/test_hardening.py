@@ -28,7 +28,7 @@ from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
 from live_server import ImageServer, LiveServer, free_port
 from PIL import Image
 from pydantic import SecretStr
-from raw_http import GENERAL, chunk, connect, filestack_head, one, post_head, read_all
+from raw_http import GENERAL, chunk, connect, filestack_head, one, post_head, read_all, wait_ready
 
 from localtag import cli
 from localtag.cli.serve import check_bind
@@ -299,15 +299,7 @@ def test_serve_logs_go_to_stderr_without_secrets(random_store, cache_dir, jpegs,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+            assert wait_ready(base, proc, 120), "serve did not start"
             url = f"{web.base}/assets/a?access_token={token}"
             body = {"inputs": [{"data": {"image": {"url": url}}},
                                {"data": {"image": {"url": f"http://user:{token}@{web.host}/assets/a?access_token=x"}}}]}

@@ -16,7 +16,6 @@ import logging
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -28,6 +27,7 @@ from PIL import Image, PngImagePlugin
 from pydantic import SecretStr
 from raw_http import (
     GENERAL,
+    EncodedFiles,
     chunk,
     closed_while_dripping,
     connect,
@@ -104,30 +104,9 @@ def encoded_server(photo):
     files = {"/bomb2": (gzip.compress(one_layer), "gzip, gzip"), "/bomb1": (one_layer, "gzip"),
              "/br": (b"\x00" * 100, "br"), "/photo.gz": (gzip.compress(photo), "gzip"),
              "/photo": (photo, "identity")}
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # noqa: N802
-            body, coding = files[self.path]
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Encoding", coding)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    srv = EncodedFiles({path: (body, coding, "image/jpeg") for path, (body, coding) in files.items()})
+    yield srv.host
+    srv.close()
 
 
 async def _fetch(host: str, path: str, max_bytes: int = 1_000_000) -> bytes:
