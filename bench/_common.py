@@ -6,12 +6,17 @@ Nothing here is committed output: models, large JPEGs and caches go to ``$LOCALT
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import json
 import os
 import platform
+import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,6 +108,42 @@ def load_model(root: Path, name: str, vocab: Path, **settings):
 
 def coco_files() -> list[Path]:
     return sorted(COCO_DIR.glob("*.jpg"))
+
+
+def predict_bodies(files: list[Path]) -> list[bytes]:
+    """One Clarifai predict body (JSON, the image as base64) per file."""
+    return [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(f.read_bytes()).decode()}}}]})
+            .encode() for f in files]
+
+
+@contextlib.contextmanager
+def live_server(root: Path, name: str, loaded, cache: str, **settings) -> Iterator[str]:
+    """``localtag.serve.server.create_app`` over ``loaded`` (the model ``name`` of the store ``root``, the COCO
+    vocabulary) under uvicorn on a free 127.0.0.1 port, in a thread of this process; yields its base URL
+    and stops it on leaving. ``cache``: the cache folder's name in BENCH_DIR; ``settings``: more Settings."""
+    import uvicorn
+
+    from localtag.core.config import Settings
+    from localtag.serve.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Settings(models_dir=root, model=name, vocab=coco_vocab(), device="cpu", cache_dir=BENCH_DIR / cache,
+                      host="127.0.0.1", port=port, **settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, loaded), host="127.0.0.1", port=port,
+                                           log_level="warning", loop="asyncio"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the live server stopped while starting (its log is above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def big_jpegs(n: int = 128, megapixels: float = 12.0, quality: int = 90) -> list[Path]:

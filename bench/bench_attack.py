@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import gzip
 import io
 import json
 import os
@@ -38,14 +37,27 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from raw_http import (  # noqa: E402
+    EncodedFiles,
+    alive,
+    chunk,
+    connect,
+    filestack_head,
+    gzip_zeros,
+    one,
+    post_head,
+    rotated_jpeg,
+    thin_png,
+    wait_ready,
+)
+
 KEY = "bench-key-0123"
 ATTACKER = "127.0.0.2"
 PATH = "/v2/models/general-image-recognition/outputs"
@@ -131,9 +143,8 @@ def tricklers(port: int, n: int, stop: threading.Event) -> None:
     socks = []
     for _ in range(n):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-                      "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode())
+            s = connect(port, timeout=5)
+            s.sendall(post_head(PATH, KEY, 1_000_000))
             socks.append(s)
         except OSError:
             break
@@ -165,23 +176,7 @@ def hammer(base: str, body: bytes, stop: threading.Event, counts: dict) -> None:
 
 # -- issue 16's attacks: each runs until ``stop`` is set, from ATTACKER ------------------------------------
 def open_from(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(ATTACKER, 0))
-
-
-def alive(s: socket.socket, answers_ok: bool = False) -> bool:
-    """Still open, and (unless ``answers_ok``: what came is read and dropped) unanswered."""
-    s.setblocking(False)
-    try:
-        while True:
-            got = s.recv(65536)  # b"": closed; bytes: answered
-            if not got or not answers_ok:
-                return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        s.setblocking(True)
+    return connect(port, ATTACKER, timeout=5)
 
 
 def hold(n: int, opener, stop: threading.Event, counts: dict, drip: bytes = b"", every: float = 1.0,
@@ -231,8 +226,7 @@ def trickle_opener(port: int):
         if turn[0] % 2:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
         else:  # no key: answered 401 at once
-            s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      "Content-Length: 1000000000\r\n\r\n{".encode())
+            s.sendall(post_head(PATH, None, 1_000_000_000) + b"{")
         return s
     return opener
 
@@ -240,8 +234,7 @@ def trickle_opener(port: int):
 def body_opener(port: int):
     def opener() -> socket.socket:
         s = open_from(port)
-        s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-                  "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{".encode())
+        s.sendall(post_head(PATH, KEY, 1_000_000) + b"{")
         return s
     return opener
 
@@ -249,7 +242,7 @@ def body_opener(port: int):
 def head_opener(port: int):
     def opener() -> socket.socket:
         s = open_from(port)
-        s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n".encode())
+        s.sendall(post_head(PATH, KEY, complete=False))
         return s
     return opener
 
@@ -275,8 +268,7 @@ def streamer(port: int, head: bytes, pieces, stop: threading.Event, counts: dict
 
 
 def large_bodies(port: int, stop: threading.Event, counts: dict, n: int = 10, size: int = 120_000_000) -> None:
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {size + 1}\r\n\r\n").encode()
+    head = post_head(PATH, KEY, size + 1)
     block = b" " * 1_000_000
     ts = [threading.Thread(target=streamer, args=(port, head, lambda: (block for _ in range(size // len(block))),
                                                   stop, counts)) for _ in range(n)]
@@ -287,13 +279,9 @@ def large_bodies(port: int, stop: threading.Event, counts: dict, n: int = 10, si
 
 
 def multipart_uploads(port: int, stop: threading.Event, counts: dict, n: int = 40, size: int = 20_000_000) -> None:
-    part = b'--XX\r\nContent-Disposition: form-data; name="fileUpload"; filename="a.jpg"\r\n\r\n'
-    head = (f"POST /filestack/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-            "Content-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
-    head += b"%x\r\n%s\r\n" % (len(part), part)
-    chunk = b"z" * 65536
-    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
-    ts = [threading.Thread(target=streamer, args=(port, head, lambda: (framed for _ in range(size // len(chunk))),
+    head = filestack_head(KEY)
+    framed = chunk(b"z" * 65536)
+    ts = [threading.Thread(target=streamer, args=(port, head, lambda: (framed for _ in range(size // 65536)),
                                                   stop, counts)) for _ in range(n)]
     for t in ts:
         t.start()
@@ -303,39 +291,16 @@ def multipart_uploads(port: int, stop: threading.Event, counts: dict, n: int = 4
 
 def gzip_bomb(zeros: int = 1 << 30) -> bytes:
     """``zeros`` bytes of zeros, gzipped twice (about 2 KB for 1 GiB)."""
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    block = bytes(1 << 20)
-    once = b"".join(c.compress(block) for _ in range(zeros >> 20)) + c.flush()
-    return gzip.compress(once, 9)
+    return gzip_zeros(zeros, layers=2)
 
 
-class BombServer(ThreadingHTTPServer):
+class BombServer(EncodedFiles):
     """Serves the nested-gzip bomb at ``/bomb`` from ATTACKER."""
-
-    daemon_threads = True
 
     def __init__(self):
         body = gzip_bomb()
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Encoding", "gzip, gzip")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except OSError:
-                    pass
-
-        super().__init__((ATTACKER, 0), Handler)
+        super().__init__({"/bomb": (body, "gzip, gzip", "image/png")}, ATTACKER)
         self.bomb_bytes = len(body)
-        self.host = f"{ATTACKER}:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 def poster(base: str, bodies: list[bytes], stop: threading.Event, counts: dict) -> None:
@@ -356,14 +321,7 @@ def poster(base: str, bodies: list[bytes], stop: threading.Event, counts: dict) 
 
 
 def thin_bodies() -> list[bytes]:
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 500_000), (10, 200, 30)).save(buf, "PNG", optimize=True)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    jpg = io.BytesIO()
-    Image.new("RGB", (50_000, 1), (200, 30, 30)).save(jpg, "JPEG", quality=70, exif=exif.tobytes())
-    return [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(b.getvalue()).decode()}}}]}).encode()
-            for b in (buf, jpg)]
+    return [json.dumps(one(b)).encode() for b in (thin_png(1, 500_000), rotated_jpeg(50_000, 1))]
 
 
 def silent(port: int):
@@ -459,16 +417,8 @@ def main() -> int:
     server = subprocess.Popen(cmd, env=env, cwd=args.repo, stdout=subprocess.DEVNULL, stderr=log_path.open("w"))
     results: dict = {}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("serve did not start; see bench_attack.log")
-            time.sleep(0.2)
+        if not wait_ready(base, server, 180):
+            raise SystemExit("serve did not start; see bench_attack.log")
         good_load(base, good, 2, 2.0)  # warm
         idle = rss(server.pid)
         table = {**attacks(base, port, grpc_port, bomb_server.host),

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import socket
-import threading
 import time
 
 import _common as C
@@ -69,48 +66,29 @@ def main() -> None:
     args = ap.parse_args()
     print(json.dumps(C.machine()), flush=True)
 
-    import uvicorn
-
-    from localtag.core.config import Settings
-    from localtag.serve.server import create_app
-
     files = C.coco_files()[: args.images]
     print(json.dumps(colour_ms(files)), flush=True)
 
     root = C.random_store(args.arch)
     loaded = C.load_model(root, f"{args.arch}-random", C.coco_vocab())
-    bodies = [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(f.read_bytes()).decode()}}}]})
-              .encode() for f in files]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = Settings(models_dir=root, model=f"{args.arch}-random", vocab=C.coco_vocab(), device="cpu",
-                        cache_dir=C.BENCH_DIR / "cache-family", host="127.0.0.1", port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host="127.0.0.1", port=port,
-                                           log_level="warning", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    wf = {"workflows": [{"id": "bench3", "nodes": [{"id": "g", "model": {"id": "general-image-recognition"}},
-                                                   {"id": "c", "model": {"id": "color-recognition"}},
-                                                   {"id": "n", "model": {"id": "nsfw-recognition"}}]}]}
-    r = httpx.post(f"{base}/v2/workflows", json=wf, timeout=60)
-    assert r.status_code in (200, 409), r.text
-    urls = {"general": f"{base}/v2/models/general-image-recognition/outputs",
-            "workflow (general + color + nsfw)": f"{base}/v2/workflows/bench3/results"}
-    for url in urls.values():
-        asyncio.run(post_all(url, bodies[:4], 2))  # warm-up
-    totals = {k: [0.0, 0.0] for k in urls}
-    for _ in range(args.rounds):
-        for name, url in urls.items():
-            with C.Timer() as t:
-                asyncio.run(post_all(url, bodies, args.clients))
-            totals[name][0] += t.cpu
-            totals[name][1] += t.s
-    server.should_exit = True
-    thread.join(timeout=30)
+    bodies = C.predict_bodies(files)
+    with C.live_server(root, f"{args.arch}-random", loaded, "cache-family") as base:
+        wf = {"workflows": [{"id": "bench3", "nodes": [{"id": "g", "model": {"id": "general-image-recognition"}},
+                                                       {"id": "c", "model": {"id": "color-recognition"}},
+                                                       {"id": "n", "model": {"id": "nsfw-recognition"}}]}]}
+        r = httpx.post(f"{base}/v2/workflows", json=wf, timeout=60)
+        assert r.status_code in (200, 409), r.text
+        urls = {"general": f"{base}/v2/models/general-image-recognition/outputs",
+                "workflow (general + color + nsfw)": f"{base}/v2/workflows/bench3/results"}
+        for url in urls.values():
+            asyncio.run(post_all(url, bodies[:4], 2))  # warm-up
+        totals = {k: [0.0, 0.0] for k in urls}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                with C.Timer() as t:
+                    asyncio.run(post_all(url, bodies, args.clients))
+                totals[name][0] += t.cpu
+                totals[name][1] += t.s
     n = args.images * args.rounds
     g, w = totals["general"], totals["workflow (general + color + nsfw)"]
     row = {"model (random init)": args.arch, "images": f"COCO ×{args.images} × {args.rounds} rounds",

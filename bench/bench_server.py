@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import socket
-import threading
-import time
 
 import _common as C
 
@@ -74,35 +70,16 @@ def main() -> None:
     args = ap.parse_args()
     print(json.dumps(C.machine()), flush=True)
 
-    import uvicorn
-
-    from localtag.core.config import Settings
-    from localtag.serve.server import create_app
-
     root = C.random_store(args.arch)
     loaded = C.load_model(root, f"{args.arch}-random", C.coco_vocab())
     files = C.coco_files()[: args.images]
-    payloads = [json.dumps({"inputs": [{"data": {"image": {"base64": base64.b64encode(f.read_bytes()).decode()}}}]})
-                .encode() for f in files]
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = Settings(models_dir=root, model=f"{args.arch}-random", vocab=C.coco_vocab(), device="cpu",
-                        cache_dir=C.BENCH_DIR / "cache", host="127.0.0.1", port=port, batch_size=args.batch_size)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host="127.0.0.1", port=port,
-                                           log_level="warning", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    payloads = C.predict_bodies(files)
 
     off1 = C.in_thread(offline, loaded, files, args.batch_size)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v2/models/general-image-recognition/outputs"
-    asyncio.run(clients(url, payloads[:4], 4))  # warm-up
-    srv = asyncio.run(clients(url, payloads, args.clients))
-    server.should_exit = True
-    thread.join(timeout=30)
+    with C.live_server(root, f"{args.arch}-random", loaded, "cache", batch_size=args.batch_size) as base:
+        url = f"{base}/v2/models/general-image-recognition/outputs"
+        asyncio.run(clients(url, payloads[:4], 4))  # warm-up
+        srv = asyncio.run(clients(url, payloads, args.clients))
     off2 = C.in_thread(offline, loaded, files, args.batch_size)
     rows = []
     for key, what in (("est", "dedicated-machine estimate (cores / CPU-s per image)"), ("wall", "wall clock")):

@@ -6,7 +6,6 @@ seconds) and stops by itself."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
 from live_server import ImageServer, LiveServer, free_port
 from PIL import Image
 from pydantic import SecretStr
+from raw_http import GENERAL, chunk, connect, filestack_head, one, post_head, read_all, wait_ready
 
 from localtag import cli
 from localtag.cli.serve import check_bind
@@ -38,7 +38,6 @@ from localtag.core.loader import load
 from localtag.core.redact import redact_text, redact_url
 
 KEY = "hardening-key-0123"
-GENERAL = "/v2/models/general-image-recognition/outputs"
 HDR = {"Authorization": f"Key {KEY}"}
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,10 +58,6 @@ def jpegs(coco_images):
     return [p.read_bytes() for p in coco_images[:2]]
 
 
-def one(data: bytes, **extra) -> dict:
-    return {"inputs": [{"data": {"image": {"base64": base64.b64encode(data).decode()}}, **extra}]}
-
-
 def png(side: int) -> bytes:
     """A real side×side RGB PNG (flat colour: a few KB on the wire, side² pixels to decode)."""
     buf = io.BytesIO()
@@ -78,12 +73,8 @@ def jpeg(side: int) -> bytes:
 
 def trickler(port: int, path: str = GENERAL, length: int = 100_000, headers_only: bool = False) -> socket.socket:
     """A connection that sends headers (or only part of them) and then a body byte now and then."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    if headers_only:
-        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n")
-    else:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{".encode())
+    s = connect(port)
+    s.sendall(post_head(path, None, complete=False) if headers_only else post_head(path, KEY, length) + b"{")
     return s
 
 
@@ -102,14 +93,7 @@ def drip(socks: list[socket.socket], stop: threading.Event, every: float = 0.2) 
 
 def answer(s: socket.socket, wait: float) -> bytes:
     """What the server sent on ``s`` until it closed it (or ``wait`` passed)."""
-    s.settimeout(wait)
-    got = b""
-    try:
-        while chunk := s.recv(4096):
-            got += chunk
-    except (TimeoutError, OSError):
-        pass
-    return got
+    return read_all(s, wait)[0]
 
 
 def metric(base: str, pattern: str) -> float:
@@ -237,18 +221,15 @@ def test_memory_helpers():
 def test_filestack_chunked_multipart_stops_at_the_cap(settings, loaded):
     s = settings.model_copy(update={"max_bytes": 100_000})  # body cap: 100 KB + 1 MB of envelope
     with LiveServer(s, loaded) as srv:
-        sk = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-        sk.sendall(f"POST /filestack/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-                   "Content-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-        head = b'--XX\r\nContent-Disposition: form-data; name="fileUpload"; filename="a.jpg"\r\n\r\n'
-        sk.sendall(b"%x\r\n%s\r\n" % (len(head), head))
-        chunk = b"z" * 65536
+        sk = connect(srv.port)
+        sk.sendall(filestack_head(KEY))
+        framed = chunk(b"z" * 65536)
         sent, reply = 0, b""
         sk.settimeout(0.05)
         while sent < 50_000_000:
             try:
-                sk.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                sent += len(chunk)
+                sk.sendall(framed)
+                sent += 65536
                 reply += sk.recv(4096)
                 if reply:
                     break
@@ -318,15 +299,7 @@ def test_serve_logs_go_to_stderr_without_secrets(random_store, cache_dir, jpegs,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+            assert wait_ready(base, proc, 120), "serve did not start"
             url = f"{web.base}/assets/a?access_token={token}"
             body = {"inputs": [{"data": {"image": {"url": url}}},
                                {"data": {"image": {"url": f"http://user:{token}@{web.host}/assets/a?access_token=x"}}}]}

@@ -12,13 +12,10 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import json
 import logging
 import socket
 import threading
 import time
-import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -28,6 +25,23 @@ from clarifai_grpc.grpc.api.status import status_code_pb2 as sc
 from live_server import LiveServer
 from PIL import Image, PngImagePlugin
 from pydantic import SecretStr
+from raw_http import (
+    GENERAL,
+    EncodedFiles,
+    chunk,
+    closed_while_dripping,
+    connect,
+    filestack_head,
+    gzip_zeros,
+    json_of,
+    one,
+    post_head,
+    read_all,
+    rotated_jpeg,
+    status_of,
+    thin_png,
+    wait_for,
+)
 
 from localtag.core import errors, memory
 from localtag.core.config import Settings
@@ -37,7 +51,6 @@ from localtag.core.loader import load
 from localtag.serve.logthrottle import ThrottleFilter
 
 KEY = "hardening2-key-0123"
-GENERAL = "/v2/models/general-image-recognition/outputs"
 HDR = {"Authorization": f"Key {KEY}"}
 BOMB = 256 * 1024 * 1024  # bytes of zeros behind two gzip layers
 
@@ -58,69 +71,8 @@ def photo(coco_images) -> bytes:
     return coco_images[0].read_bytes()
 
 
-def one(data: bytes | str) -> dict:
-    b64 = data if isinstance(data, str) else base64.b64encode(data).decode()
-    return {"inputs": [{"data": {"image": {"base64": b64}}}]}
-
-
-def connect(port: int, source: str = "127.0.0.2") -> socket.socket:
-    """A TCP connection to the server from ``source`` (any 127/8 address is loopback on Linux)."""
-    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-
-
 def client(source: str, timeout: float = 30) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(local_address=source), headers=HDR, timeout=timeout)
-
-
-def read_all(s: socket.socket, wait: float) -> tuple[bytes, bool]:
-    """What the server sent on ``s`` within ``wait`` seconds, and whether it closed the connection."""
-    end = time.monotonic() + wait
-    got = b""
-    while (left := end - time.monotonic()) > 0:
-        s.settimeout(left)
-        try:
-            chunk = s.recv(65536)
-        except TimeoutError:
-            return got, False
-        except OSError:
-            return got, True
-        if not chunk:
-            return got, True
-        got += chunk
-    return got, False
-
-
-def closed_while_dripping(s: socket.socket, wait: float, every: float = 0.2) -> tuple[bytes, float | None]:
-    """Send a byte every ``every`` s for at most ``wait`` s; (what came back, seconds until closed or None)."""
-    start = time.monotonic()
-    got = b""
-    while time.monotonic() - start < wait:
-        try:
-            s.send(b"x")
-        except OSError:
-            return got, time.monotonic() - start
-        chunk, closed = read_all(s, every)
-        got += chunk
-        if closed:
-            return got, time.monotonic() - start
-    return got, None
-
-
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def status_of(reply: bytes) -> int:
-    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else 0
-
-
-def json_of(reply: bytes) -> dict:
-    return json.loads(reply.split(b"\r\n\r\n", 1)[1])
 
 
 class RssPeak(threading.Thread):
@@ -146,43 +98,15 @@ class RssPeak(threading.Thread):
 
 
 # -- N1: compression bombs behind an image URL ---------------------------------------------------------
-def _gzip_stream(n_zeros: int) -> bytes:
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    block = bytes(1 << 20)
-    out = [c.compress(block) for _ in range(n_zeros >> 20)]
-    return b"".join(out) + c.flush()
-
-
 @pytest.fixture(scope="module")
 def encoded_server(photo):
-    one_layer = _gzip_stream(BOMB)
+    one_layer = gzip_zeros(BOMB)
     files = {"/bomb2": (gzip.compress(one_layer), "gzip, gzip"), "/bomb1": (one_layer, "gzip"),
              "/br": (b"\x00" * 100, "br"), "/photo.gz": (gzip.compress(photo), "gzip"),
              "/photo": (photo, "identity")}
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # noqa: N802
-            body, coding = files[self.path]
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Encoding", coding)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    srv = EncodedFiles({path: (body, coding, "image/jpeg") for path, (body, coding) in files.items()})
+    yield srv.host
+    srv.close()
 
 
 async def _fetch(host: str, path: str, max_bytes: int = 1_000_000) -> bytes:
@@ -222,21 +146,6 @@ def test_nested_gzip_url_through_the_server(settings, loaded, encoded_server):
 
 
 # -- N2: long thin images --------------------------------------------------------------------------------
-def thin_png(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, "PNG", optimize=True)
-    return buf.getvalue()
-
-
-def rotated_jpeg(w: int, h: int) -> bytes:
-    """A w×h JPEG whose EXIF says to turn it a quarter (orientation 6): upright it is h×w."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "JPEG", quality=70, exif=exif.tobytes())
-    return buf.getvalue()
-
-
 def test_long_thin_images_are_refused_fast(settings, loaded, photo):
     pngs = [thin_png(1, 500_000), rotated_jpeg(50_000, 1)]
     assert all(len(p) < 120_000 for p in pngs)
@@ -296,11 +205,11 @@ def test_connection_deadline_and_clarifai_shaped_refusals(settings, loaded, phot
 def test_one_client_cannot_take_all_connections(settings, loaded, photo):
     s = settings.model_copy(update={"max_client_connections": 4})
     with LiveServer(s, loaded) as srv:
-        attack = [connect(srv.port) for _ in range(4)]
+        attack = [connect(srv.port, "127.0.0.2") for _ in range(4)]
         for a in attack:
             a.sendall(b"POST " + GENERAL.encode() + b" HTTP/1.1\r\nHost: x\r\n")  # half-sent headers
         try:
-            fifth = connect(srv.port)
+            fifth = connect(srv.port, "127.0.0.2")
             fifth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             reply, _ = read_all(fifth, 3.0)
             fifth.close()
@@ -317,8 +226,7 @@ def test_one_client_cannot_take_all_connections(settings, loaded, photo):
 
 def slow_body(port: int, source: str, path: str = GENERAL, length: int = 100_000, first: bytes = b"{") -> socket.socket:
     s = connect(port, source)
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-              f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+    s.sendall(post_head(path, KEY, length) + first)
     return s
 
 
@@ -349,7 +257,7 @@ def test_per_client_body_readers_and_minimum_upload_rate(settings, loaded, photo
 def test_grpc_caps_connections_and_times_out_handshakes(settings, loaded, photo):
     s = settings.model_copy(update={"grpc_port": 0, "grpc_max_connections": 4, "header_timeout": 1.0})
     with LiveServer(s, loaded) as srv:
-        silent = [connect(srv.grpc_port) for _ in range(10)]
+        silent = [connect(srv.grpc_port, "127.0.0.2") for _ in range(10)]
         try:
             time.sleep(0.5)
             early = sum(read_all(sk, 0.05)[1] for sk in silent)
@@ -424,13 +332,10 @@ def test_bodies_arriving_share_one_byte_budget(settings, loaded, photo):
 def upload(port: int, source: str, size: int) -> socket.socket:
     """A chunked multipart Filestack upload of ``size`` bytes of file, left unfinished."""
     s = connect(port, source)
-    s.sendall(f"POST /filestack/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Key {KEY}\r\n"
-              "Content-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-    head = b'--XX\r\nContent-Disposition: form-data; name="fileUpload"; filename="a.jpg"\r\n\r\n'
-    s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
-    chunk = b"z" * 65536
-    for _ in range(size // len(chunk)):
-        s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    s.sendall(filestack_head(KEY))
+    framed = chunk(b"z" * 65536)
+    for _ in range(size // 65536):
+        s.sendall(framed)
     return s
 
 

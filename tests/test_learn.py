@@ -51,9 +51,9 @@ def test_learn_ranks_heldout_ships_first(learnt):
     assert ev["images"] == 200
     (row,) = ev["per_concept"]
     assert row["name"] == "vessel-x" and row["positives"] == 20
-    # issue 20 asks for AP >= 0.85; the 64-d fixture model reaches 0.847 here (λ = 0.3, chosen on
-    # bench/bench_learn.py before this test ran; λ = 0.1 would give 0.854): see docs/learn.md
-    assert row["ap"] >= 0.83
+    # issue 20's bar. 0.870 here (the plain L2 pull gave 0.847); bench/bench_learn.py measures the same
+    # scenario on 50 random draws: AP >= 0.85 on 49 of them (mean 0.925, lowest 0.827): docs/learn.md
+    assert row["ap"] >= 0.85
     # and a made-up word with 16 examples beats the fixture's own zero-shot "ship" on the same images
     held = (root / "held.csv").read_text().replace(",vessel-x", ",ship")
     (root / "held-ship.csv").write_text(held)

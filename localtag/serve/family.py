@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,16 +23,41 @@ from ..core import clarifai, decode, errors, memory
 from ..core import family as fam
 from ..core import vocab as vocab_mod
 from ..core.colors import Color, dominant_colors
-from ..core.config import shipped
+from ..core.config import Settings, shipped
 from ..core.errors import ImageError
 from ..core.properties import Properties, properties
 from ..core.scorer import Picking
 from ..core.tagger import SelectError, Tagger
 from .batcher import Batcher
-from .fairpool import RequestPixels
-from .service import MAX_INPUTS, Overloaded, PredictOptions, StatusError
+from .fairpool import FairPool, RequestPixels
+from .metrics import Metrics
+from .schema import InputIn, PredictRequest
+from .service import MAX_INPUTS, ModelEntry, Overloaded, PredictOptions, StatusError
 
 log = logging.getLogger(__name__)
+
+
+class Svc(Protocol):
+    """What the family needs of :class:`localtag.serve.service.Service` (the service passes itself)."""
+
+    settings: Settings
+    metrics: Metrics
+    decoder: FairPool
+
+    async def admit(self, entry: ModelEntry, budget: RequestPixels, *, url: str | None, b64: str | bytes | None,
+                    data: bytes | None) -> tuple[bytes, int]: ...
+
+    def _draft(self, entry: ModelEntry) -> int: ...
+
+    def options(self, entry: ModelEntry, req: PredictRequest) -> PredictOptions: ...
+
+    def admitted(self, n: int) -> AbstractContextManager[Any]: ...
+
+    def overloaded_response(self) -> tuple[int, dict]: ...
+
+
+#: one model of a run: (its id, the general entry or a family one, its options)
+Run = tuple[str, "ModelEntry | FamilyEntry", PredictOptions]
 
 
 class _Embeddings:
@@ -56,7 +82,7 @@ class Analysis:
 class FamilyEntry:
     """One family model as the service's model routes see it (``model_json``, ``visible``, ``concept_json``)."""
 
-    def __init__(self, model: fam.FamilyModel, tagger: Tagger | None, default: Any):
+    def __init__(self, model: fam.FamilyModel, tagger: Tagger | None, default: ModelEntry):
         self.model = model
         self.tagger = tagger
         self.general = False
@@ -78,7 +104,7 @@ class FamilyEntry:
 class Family:
     """The family models served next to the general one (built in the server's lifespan)."""
 
-    def __init__(self, default: Any, settings: Any, *, on_batch=None):
+    def __init__(self, default: ModelEntry, settings: Settings, *, on_batch=None):
         self.default = default
         self.settings = settings
         base = default.tagger
@@ -105,14 +131,14 @@ class Family:
         m = fam.by_id(model_id)
         return self.entries.get(m.key) if m is not None and m.key != "general" else None
 
-    def list_models(self) -> list[tuple[str, Any]]:
+    def list_models(self) -> list[tuple[str, ModelEntry | FamilyEntry]]:
         """(string id, entry) of every family model, general first."""
-        out: list[tuple[str, Any]] = [(fam.FAMILY[0].id, self.default)]
+        out: list[tuple[str, ModelEntry | FamilyEntry]] = [(fam.FAMILY[0].id, self.default)]
         out += [(e.model.id, e) for e in self.entries.values()]
         return out
 
     # -- one image, once ---------------------------------------------------------------------------
-    async def analyse(self, svc: Any, *, url: str | None = None, b64: str | bytes | None = None,
+    async def analyse(self, svc: Svc, *, url: str | None = None, b64: str | bytes | None = None,
                       data: bytes | None = None, budget: RequestPixels | None = None, embed: bool = True,
                       colors: bool = False, props: bool = False) -> Analysis:
         """Fetch, decode (once), then embed with the shared encoder and/or find the colours."""
@@ -143,7 +169,7 @@ class Family:
             return None, None, None, ImageError(errors.INTERNAL, f"internal error ({type(e).__name__})")
 
     # -- outputs -----------------------------------------------------------------------------------
-    def data_of(self, entry: Any, analysis: Analysis, picking: Picking) -> dict[str, Any]:
+    def data_of(self, entry: ModelEntry | FamilyEntry, analysis: Analysis, picking: Picking) -> dict[str, Any]:
         """A model's ``output.data`` for one analysed image (``entry``: the general entry or a family one)."""
         kind = entry.model.kind if isinstance(entry, FamilyEntry) else fam.CONCEPTS
         if kind == fam.EMBEDDING:
@@ -157,10 +183,10 @@ class Family:
         tags = scorer.tags_of_values(entry.tagger.values(analysis.embedding[None]), picking)[0]
         return {"concepts": [clarifai.concept_json(t, entry.app_id, entry.user_id) for t in tags]}
 
-    def picking(self, entry: Any, opts: Any) -> Picking:
+    def picking(self, entry: ModelEntry | FamilyEntry, opts: PredictOptions) -> Picking:
         return Picking(opts.max_concepts, opts.min_value, opts.select, opts.language)
 
-    async def predict(self, svc: Any, req: Any, model_id: str, entry: FamilyEntry) -> tuple[int, dict]:
+    async def predict(self, svc: Svc, req: PredictRequest, model_id: str, entry: FamilyEntry) -> tuple[int, dict]:
         """``PostModelOutputs`` on a family model."""
         req_id = clarifai.new_id()
         n = len(req.inputs)
@@ -184,8 +210,7 @@ class Family:
         body = clarifai.response([o[0] for o in outputs], req_id)
         return (400 if body["status"]["code"] == clarifai.FAILURE else 200), body
 
-    async def run_input(self, svc: Any, models: list[tuple[str, Any, Any]], inp: Any,
-                        budget: RequestPixels) -> list[dict]:
+    async def run_input(self, svc: Svc, models: list[Run], inp: InputIn, budget: RequestPixels) -> list[dict]:
         """One input through several models (``(model id, entry, PredictOptions)``): one fetch, one decode,
         one embedding; one output per model."""
         input_id = inp.id or clarifai.new_id()
