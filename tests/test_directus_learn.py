@@ -118,6 +118,7 @@ def test_learn_reports_the_new_concept(loop):
     head = core_learn.load(Path(out["head"]))
     assert head.names == [CONCEPT] and head.meta["directus"]["embedded"] == SHIPS + OTHERS
     assert "our-boat" in loop["table"] and "held-out AP: before → after" in loop["table"]
+    print(loop["table"])
 
 
 def test_retag_finds_the_other_boats(loop):

@@ -167,8 +167,9 @@ def reliable_negatives(emb: np.ndarray, t: core_learn.Targets, rejected: np.ndar
     positives, by position: deterministic), and one scoring at least as high as the least typical positive
     (the lowest out-of-fold positive score: the "spy" rule of PU learning) is left out: neither positive nor
     negative. Deleted machine tags (``rejected``) are a person's "no" and always stay negatives. On the
-    Directus loop of ``tests/test_directus_learn.py`` (20 of 60 ships tagged) this takes the learnt
-    concept's recall on the other files from 0 to 0.78."""
+    Directus loop of ``tests/test_directus_learn.py`` (20 of 60 ships tagged) the learnt concept reaches
+    recall 0.75 at precision 0.91 on the other 180 files; with every untagged file a negative, the same
+    200 images give recall 0 at ``min_value`` 0.5 (no file passes) and a held-out AP of 0.46."""
     left_out = []
     for j, c in enumerate(t.concepts):
         y = t.y[:, j]
