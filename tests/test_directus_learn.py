@@ -155,19 +155,18 @@ def test_the_flow_tags_uploads_with_the_servers_head(directus, fixture_model, ci
     from localtag.core.head_mix import MixedScorer
     from localtag.core.loader import load
 
-    base = Settings(model=str(fixture_model), device="cpu", cache_dir=tmp_path / "cache", batch_size=16,
-                    directus_max_concepts=3, directus_min_value=0.0)
-    tagger, encoder = load(base)
+    path = tmp_path / "heads" / "vessels.npz"
+    settings = Settings(model=str(fixture_model), device="cpu", cache_dir=tmp_path / "cache", batch_size=16,
+                        directus_max_concepts=3, directus_min_value=0.0, model_head=str(path),
+                        directus_url=directus.url, directus_token=directus.token, flow_secret=directus.flow_secret,
+                        allow_hosts=[f"127.0.0.1:{directus.port}"])
+    tagger, encoder = load(settings.model_copy(update={"model_head": None}))
     train = [(c, p) for c, paths in cifar_test.items() for p in paths[:16 if c == "ship" else 4]]
     emb = encoder.embed([decode(p) for _, p in train])
     keys = [str(p) for _, p in train]
     t = core_learn.targets(keys, emb, [core_learn.Annotation(k, "vessel-x", c == "ship")
                                        for k, (c, _) in zip(keys, train, strict=True)])
-    path = core_learn.save(core_learn.train(emb, t, model_sha256=tagger.info.sha256, name="vessels"),
-                           tmp_path / "heads" / "vessels.npz")
-    settings = base.model_copy(update={"model_head": str(path), "directus_url": directus.url,
-                                       "directus_token": directus.token, "flow_secret": directus.flow_secret,
-                                       "allow_hosts": [f"127.0.0.1:{directus.port}"]})
+    core_learn.save(core_learn.train(emb, t, model_sha256=tagger.info.sha256, name="vessels"), path)
     name = f"localtag learnt {uuid.uuid4().hex[:8]}"
     photo = cifar_test["ship"][19]
     with LiveServer(settings) as live, DirectusClient(directus.url, directus.token) as client:
