@@ -137,7 +137,7 @@ SLOW_MODULES = {"test_parity", "test_device_check", "test_hardening", "test_hard
                 "test_calibrate", "test_clarifai_clients", "test_batch", "test_models", "test_text_store",
                 "test_evaluate", "test_grpc", "test_snapshot", "test_heic", "test_learn", "test_family",
                 "test_languages", "test_workflows", "test_app_clients", "test_app_store", "test_app_cli",
-                "test_custom_models"}
+                "test_custom_models", "test_batch_head", "test_head_mix"}
 SLOW_TESTS = {"test_a_precision_auto_may_pick_keeps_fp32s_answers", "test_unreadable_subfolder_is_reported",
               "test_tag_coco_json_all_128", "test_startup_loads_only_what_the_command_needs",
               "test_overload_answers_503_and_stays_bounded", "test_binary_values_do_not_depend_on_the_rest_of_the_vocabulary",

@@ -98,7 +98,7 @@ class ShardWorker:
         self.settings = settings
         run = self.store.read_run()
         self.store.check(fingerprint(settings))  # a node with another model refuses, before loading it
-        self.tagger, encoder = load(settings)
+        self.tagger, encoder = load(settings, head="add")  # a learnt head (--model-head) joins the vocabulary
         self.run_id = run["run_id"]
         self.dim = int(self.tagger.info.model_cfg["embed_dim"])
         # every input hashed (the sha256 each row carries); no embedding cache: the run's Parquet is one

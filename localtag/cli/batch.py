@@ -159,6 +159,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, only=("model", "models_dir", "vocab", "device", "precision", "cache_dir", "scoring"))
     p.add_argument("--max-concepts", dest="max_concepts", type=int, help="most tags per image (default 20)")
     p.add_argument("--min-value", dest="min_value", type=float, help="lowest value a tag needs")
+    p.add_argument("--model-head", dest="model_head", metavar="NAME", help="a learnt head (`localtag learn`, "
+                   "`directus learn`) whose concepts join the vocabulary's: its name in --heads-dir or a .npz file "
+                   "(env LOCALTAG_MODEL_HEAD)")
+    p.add_argument("--heads-dir", dest="heads_dir", type=Path, help="folder of learnt heads (env LOCALTAG_HEADS_DIR)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .common import add_directus_flags, add_model_flags, progress, settings_from
@@ -95,14 +96,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from ..directus.sync import SyncOptions, run_sync
 
     settings, client = _connect(args)
-    filt = None
-    if args.filter:
-        try:
-            filt = json.loads(args.filter)
-        except ValueError as e:
-            raise ValueError(f"--filter is not JSON: {e}") from None
-        if not isinstance(filt, dict):
-            raise ValueError("--filter must be a JSON object (a Directus filter on directus_files)")
+    filt = _filter(args.filter)
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     if args.run is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.run):
@@ -111,7 +105,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     options = SyncOptions(filter=filt, retag=args.retag, dry_run=args.dry_run, concurrency=args.concurrency,
                           rendition=args.rendition, max_concepts=args.max_concepts, min_value=args.min_value,
                           retry_window=window, retry_failed=args.retry_failed, run=args.run)
-    tagger, encoder = load(settings)
+    tagger, encoder = load(settings, head="add")  # a learnt head (--model-head) joins the vocabulary
     cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
     fill = _app_fill(settings, client, tagger, encoder) if settings.directus_app and not args.dry_run else None
     bar = progress(None, None, args.progress, "directus sync", unit="file")
@@ -186,6 +180,41 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from ..core import learn as core_learn
+    from ..core.cache import open_embedding_cache
+    from ..core.evaluate import jsonable
+    from ..core.loader import load
+    from ..directus.learn import learn_library, report_text
+
+    settings, client = _connect(args)
+    target = core_learn.head_path(settings.heads_dir, core_learn.check_name(args.name))
+    filt = _filter(args.filter)
+    tagger, encoder = load(settings.model_copy(update={"model_head": None}))  # the priors: the vocabulary alone
+    cache = open_embedding_cache(settings, tagger.model_sha256, encoder) if settings.embedding_cache else None
+    bar = progress(None, None, args.progress, "directus learn", unit="file")
+    with client, bar:
+        head, out = learn_library(client, tagger, encoder, settings, name=args.name, filter=filt,
+                                  min_count=args.min_count, concepts=args.concepts, holdout=args.holdout,
+                                  cache=cache, progress=bar)
+    core_learn.save(head, target)
+    out["head"] = str(target)
+    print(json.dumps(jsonable(out)) if args.json else report_text(out))
+    return 0
+
+
+def _filter(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        filt = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--filter is not JSON: {e}") from None
+    if not isinstance(filt, dict):
+        raise ValueError("--filter must be a JSON object (a Directus filter on directus_files)")
+    return filt
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..core.config import Settings
 
@@ -255,6 +284,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="use the embedding cache, so --retag after a vocabulary change skips the image model")
     add_model_flags(s)
+    s.add_argument("--model-head", dest="model_head", metavar="NAME", help="a learnt head (`directus learn`, "
+                   "`learn`) whose concepts join the vocabulary's; its tags are listed as `learnt` in the provenance "
+                   "record (env LOCALTAG_MODEL_HEAD; the server's flow uses the same setting)")
+    s.add_argument("--heads-dir", dest="heads_dir", type=Path, help="folder of learnt heads (env LOCALTAG_HEADS_DIR)")
     s.set_defaults(func=cmd_sync)
 
     q = ds.add_parser("search", help="Directus file ids and titles ranked by a text or a photo (the app "
@@ -268,3 +301,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    '"filename"}]}')
     add_model_flags(q)
     q.set_defaults(func=cmd_search)
+    n = ds.add_parser("learn", help="learn concepts from people's tags and the machine tags they deleted",
+                      description="Learn a head from the library: positives are a person's own tags, negatives "
+                      "the machine tags people deleted (`rejected` in directus_files.localtag) and files without "
+                      "the tag. Concepts people use on at least --min-count files are learnt: new ones from "
+                      "scratch, the vocabulary's as corrections of their zero-shot scorer. Prints, per concept, "
+                      "its examples and the held-out AP before → after; `directus sync --retag --model-head NAME` "
+                      "then tags with it.")
+    add_directus_flags(n)
+    n.add_argument("--name", default="directus", help="the head's name (default 'directus'), stored as NAME.npz in "
+                   "--heads-dir")
+    n.add_argument("--min-count", dest="min_count", type=int, default=5,
+                   help="files a person's tag must be on to be learnt (default 5)")
+    n.add_argument("--concepts", nargs="+", metavar="TAG", help="learn these tags only (whatever their count)")
+    n.add_argument("--filter", help="a Directus filter (JSON) on directus_files: learn from these files only")
+    n.add_argument("--holdout", type=float, default=0.3, help="share of files held out for the AP report (0: none)")
+    n.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
+    n.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: on a TTY)")
+    n.add_argument("--cache", dest="embedding_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the embedding cache (default on)")
+    add_model_flags(n)
+    n.add_argument("--heads-dir", dest="heads_dir", type=Path, help="folder of learnt heads (env LOCALTAG_HEADS_DIR)")
+    n.set_defaults(func=cmd_learn)

@@ -30,8 +30,11 @@ class Loaded(NamedTuple):
     encoder: ImageEncoder
 
 
-def load(settings: Settings, *, verify: bool = True) -> Loaded:
-    """The tagger (text side, scoring, picking) and the image encoder of ``settings.model``."""
+def load(settings: Settings, *, verify: bool = True, head: str = "replace") -> Loaded:
+    """The tagger (text side, scoring, picking) and the image encoder of ``settings.model``.
+
+    ``settings.model_head`` (a learnt head) replaces the vocabulary (``head="replace"``: ``tag``, ``eval``) or
+    joins it (``"add"``: ``directus sync``, the server and its flow, ``batch``; see :mod:`localtag.core.head_mix`)."""
     store = model_store.ModelStore(settings.models_dir)
     info = store.resolve(settings.model)
     if verify:
@@ -48,7 +51,11 @@ def load(settings: Settings, *, verify: bool = True) -> Loaded:
     if settings.model_head:
         from . import learn
 
-        tagger.use_head(learn.load(learn.head_path(settings.heads_dir, settings.model_head)))
+        learnt = learn.load(learn.head_path(settings.heads_dir, settings.model_head))
+        if head == "add":
+            tagger.add_head(learnt)
+        else:
+            tagger.use_head(learnt)
     return Loaded(tagger, encoder)
 
 
@@ -87,12 +94,20 @@ def load_scorer(settings: Settings) -> tuple[model_store.ModelInfo, Scorer]:
     vocab = vocab_mod.load(settings.resolved_vocab(info.vocab_path))
     params = model_store.logit_params(info)
     if params is None:  # only a full load can tell
-        tagger = load(settings, verify=False).tagger
+        tagger = load(settings, verify=False, head="add").tagger
         return info, tagger.scorer
     device = pick_device("cpu")
     text = TextIndex(info, vocab, lambda: model_store.build(info), device, cache_dir=settings.cache_dir)
-    return info, Scorer(vocab, text.embeddings, scoring=settings.scoring, logit_scale=params[0],
-                        logit_bias=params[1], calibration=calibrate.find_for(vocab, info))
+    scorer = Scorer(vocab, text.embeddings, scoring=settings.scoring, logit_scale=params[0],
+                    logit_bias=params[1], calibration=calibrate.find_for(vocab, info))
+    if settings.model_head:  # a learnt head joins the vocabulary (as in `batch run`)
+        from . import learn
+        from .head_mix import MixedScorer
+
+        learnt = learn.load(learn.head_path(settings.heads_dir, settings.model_head))
+        learnt.check(info.sha256, info.name)
+        scorer = MixedScorer(scorer, learnt)
+    return info, scorer
 
 
 def fingerprint(settings: Settings) -> dict[str, Any]:
@@ -111,7 +126,14 @@ def fingerprint(settings: Settings) -> dict[str, Any]:
     if cal is not None:
         path = cal.path
         cal_id = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else repr(cal)
+    head = {}
+    if settings.model_head:  # only then: the fingerprints of runs without a head stay as they were
+        from . import learn
+
+        path = learn.head_path(settings.heads_dir, settings.model_head)
+        head = {"model_head_sha256": hashlib.sha256(learn.load(path).path.read_bytes()).hexdigest()}
     return {
+        **head,
         "model": info.name,
         "model_sha256": info.sha256,
         "vocab_sha256": vocab.sha256,

@@ -44,7 +44,7 @@ class Tagger:
             raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
         self.info = info
         self.vocab = vocab
-        self.head: Any = None  # a learnt head that replaced the vocabulary (use_head)
+        self.head: Any = None  # a learnt head that replaced the vocabulary (use_head) or joined it (add_head)
         self.device = pick_device(device)
         self.model = model if model is not None else model_store.build(info).to(self.device)
         self.text = TextIndex(info, vocab, self.model, self.device, cache_dir=cache_dir, templates=templates)
@@ -60,6 +60,16 @@ class Tagger:
         was trained on another CLIP model)."""
         head.check(self.info.sha256, self.info.name)
         self.scorer = head.scorer()
+        self.vocab = self.scorer.vocab
+        self.head = head
+
+    def add_head(self, head: Any) -> None:
+        """Score with the vocabulary *and* a learnt head (:class:`~localtag.core.head_mix.MixedScorer`:
+        its concepts replace same-named ones and add the others); refused on another CLIP model."""
+        from .head_mix import MixedScorer
+
+        head.check(self.info.sha256, self.info.name)
+        self.scorer = MixedScorer(self.scorer, head)
         self.vocab = self.scorer.vocab
         self.head = head
 

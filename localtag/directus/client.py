@@ -18,7 +18,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -433,12 +433,14 @@ def write_plan(client: DirectusClient, file_id: str, plan: TagPlan) -> None:
         )
 
 
-def retag_file(client: DirectusClient, file_id: str, new: Sequence[Any], stamp: dict[str, Any]) -> TagPlan:
-    """Read the file's tags and record afresh, replace localtag's own tags with `new`, write."""
+def retag_file(client: DirectusClient, file_id: str, new: Sequence[Any], stamp: dict[str, Any],
+               learnt: Collection[str] = ()) -> TagPlan:
+    """Read the file's tags and record afresh, replace localtag's own tags with `new`, write (`learnt`: see
+    :func:`~localtag.directus.tag_merge.plan_tags`)."""
     row = client.files_by_id([file_id], ["tags", PROVENANCE_FIELD]).get(file_id)
     if row is None:
         raise DirectusNotFoundError(f"file {file_id} does not exist", code="NOT_FOUND")
-    plan = plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), new, stamp)
+    plan = plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), new, stamp, learnt)
     write_plan(client, file_id, plan)
     return plan
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from ..core.config import Settings
 from ..core.errors import ImageError
+from ..core.head_mix import head_record
 from ..core.tag import Tag
 from ..core.tagger import Tagger
 from .client import (
@@ -97,8 +98,9 @@ class FlowWorker:
                 return
         data = await asyncio.to_thread(self.client.download, key, max_bytes=self.settings.max_bytes)
         tagger, tags = await self.predict(data)
-        stamp = provenance_stamp(tagger.info.name, tagger.info.sha256, tagger.vocab.sha256, "flow")
-        plan = await asyncio.to_thread(retag_file, self.client, key, tags, stamp)
+        head, learnt = head_record(tagger)  # the server's learnt head (LOCALTAG_MODEL_HEAD), if any
+        stamp = provenance_stamp(tagger.info.name, tagger.info.sha256, tagger.vocab.sha256, "flow", head)
+        plan = await asyncio.to_thread(retag_file, self.client, key, tags, stamp, learnt)
         log.info("directus file %s tagged: %s", key, ", ".join(plan.provenance["tags"]) or "(no tags)")
 
     async def drain(self, timeout: float = 10.0) -> None:

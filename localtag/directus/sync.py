@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,7 @@ from ..core.errors import (
     TOO_MANY_PIXELS,
     ImageError,
 )
+from ..core.head_mix import head_record
 from ..core.pipeline import Job, Pipeline
 from ..core.run import Scored, Tee, run
 from ..core.scorer import Picking
@@ -241,6 +242,21 @@ class _Fetcher:
         self.stop.set()
 
 
+def embed_files(client: DirectusClient, encoder: ImageEncoder, settings: Any, rows: Iterable[dict], *,
+                concurrency: int = 8, rendition: int | None = None, cache: Any = None) -> Iterator[Any]:
+    """The pipeline's results (embeddings or errors, in order; ``job.meta`` is the row) of Directus files
+    ``rows`` (``id`` each), downloaded as the sync downloads them (``directus learn``)."""
+    fetch = _Fetcher(client, rendition, settings.max_bytes)
+    pipe = Pipeline.from_settings(encoder, settings, cache=cache, fetchers=max(1, concurrency))
+    results = pipe.run(Job(r["id"], lambda file_id=r["id"]: fetch(file_id), meta=r) for r in rows)
+    with contextlib.closing(results):
+        for r in results:
+            fetch.sha256.pop(r.job.key, None)
+            if fetch.stop_error is not None:
+                raise fetch.stop_error
+            yield r
+
+
 def run_sync(
     client: DirectusClient,
     tagger: Tagger,
@@ -332,7 +348,8 @@ class _Sync:
                              else options.max_concepts)
         self.min_value = settings.directus_min_value if options.min_value is None else options.min_value
         self.fetch = _Fetcher(client, options.rendition, settings.max_bytes)
-        self.stamp = provenance_stamp(tagger.info.name, tagger.info.sha256, tagger.vocab.sha256, summary.run)
+        head, self.learnt = head_record(tagger)  # a learnt head alongside the vocabulary: its tags are marked
+        self.stamp = provenance_stamp(tagger.info.name, tagger.info.sha256, tagger.vocab.sha256, summary.run, head)
         self.has_field = False
         self.has_failed = False
         self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="localtag-directus-write")
@@ -511,7 +528,7 @@ class _Sync:
             reason = "already tagged"  # by the flow, or another sync, while this one ran
         else:
             try:
-                return plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), tags, self.stamp)
+                return plan_tags(row.get("tags"), row.get(PROVENANCE_FIELD), tags, self.stamp, self.learnt)
             except TagsFieldError as e:
                 reason = "tags field is not a list"
                 log.warning("directus file %s skipped: %s", file_id, e)

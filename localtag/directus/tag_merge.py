@@ -11,7 +11,7 @@ machine tags.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -49,7 +49,19 @@ class TagPlan:
     removed: list[str]
 
 
-def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: dict[str, Any]) -> TagPlan:
+def person_tags(current: Any, provenance: Any) -> list[str]:
+    """A person's own tags on a file: its string tags less localtag's recorded machine tags (each once, as
+    :func:`plan_tags` removes them)."""
+    person = [t for t in current if isinstance(t, str)] if isinstance(current, list) else []
+    for tag in machine_tags(provenance)[0]:
+        idx = next((i for i in range(len(person) - 1, -1, -1) if person[i] == tag), None)
+        if idx is not None:
+            del person[idx]
+    return person
+
+
+def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: dict[str, Any],
+              learnt: Collection[str] = ()) -> TagPlan:
     """(current tags − localtag's previous tags) ∪ new machine tags, never touching a person's tags.
 
     - A previous machine tag still present is removed once (its last occurrence: a person may have
@@ -59,6 +71,7 @@ def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: di
     - A new machine tag equal (case-insensitively) to a person's tag is not added and not claimed.
     - `current` None is no tags; anything else but a list raises TagsFieldError.
     `new`: tagger Tags (or plain names), best first. `stamp`: model, vocabulary and run for the record.
+    `learnt`: ids of the concepts a learnt head scored; the record's `learnt` lists the machine tags among them.
     """
     if current is None:
         current = []
@@ -76,7 +89,7 @@ def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: di
             del person[idx]
             removed.append(tag)
     taken = {t.casefold() for t in [*person, *rejected] if isinstance(t, str)}
-    machine, values = [], {}
+    machine, values, learnt_tags = [], {}, []
     for t in new:
         name = t.name if isinstance(t, Tag) else t
         if not isinstance(name, str) or not name or name.casefold() in taken:
@@ -85,21 +98,29 @@ def plan_tags(current: Any, provenance: Any, new: Sequence[Tag | str], stamp: di
         machine.append(name)
         if isinstance(t, Tag):
             values[name] = round(float(t.value), 4)
+            if t.id in learnt:
+                learnt_tags.append(name)
     record = {"v": PROVENANCE_VERSION, "tags": machine, "values": values, **stamp}
+    if learnt_tags:
+        record["learnt"] = learnt_tags
     if rejected:
         record["rejected"] = rejected
     added = [t for t in machine if t not in removed]
     return TagPlan(person + machine, record, added, [t for t in removed if t not in machine])
 
 
-def provenance_stamp(model: str, model_sha256: str, vocab_sha256: str, run: str) -> dict[str, Any]:
-    """What a provenance record says about the tagger and the write: model, weights and vocabulary hashes."""
-    return {
+def provenance_stamp(model: str, model_sha256: str, vocab_sha256: str, run: str,
+                     head: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a provenance record says about the tagger and the write: model, weights and vocabulary hashes,
+    and the learnt head that joined the vocabulary (``{"name", "sha256", "concepts"}``), if any."""
+    stamp = {
         "model": model,
         "model_sha256": model_sha256,
         "vocab_sha256": vocab_sha256,
         "run": run,
         "tagged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
+    if head:
+        stamp["head"] = head
+    return stamp
 

@@ -425,7 +425,7 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 def build_entries(settings: Settings, loaded: Loaded | None, on_batch) -> dict[str, ModelEntry]:
     """Load the default model (unless given) and every configured extra model id, once each."""
-    default_loaded = loaded or load(settings)
+    default_loaded = loaded or load(settings, head="add")  # a learnt head joins the general model's vocabulary
     default = ModelEntry(*default_loaded, settings, general=True, on_batch=on_batch)
     entries = {i: default for i in GENERAL_IDS}
     by_key: dict[tuple[str, str | None], ModelEntry] = {}
@@ -433,7 +433,7 @@ def build_entries(settings: Settings, loaded: Loaded | None, on_batch) -> dict[s
         key = (model, str(vocab) if vocab else None)
         if key not in by_key:
             same = model == settings.model and (vocab or None) == settings.vocab
-            sub = settings.model_copy(update={"model": model, "vocab": vocab})
+            sub = settings.model_copy(update={"model": model, "vocab": vocab, "model_head": None})  # the head: default only
             by_key[key] = ModelEntry(*(default_loaded if same else load(sub)), settings, general=False,
                                      on_batch=on_batch)
         entries[model_id] = by_key[key]
