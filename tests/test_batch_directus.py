@@ -65,3 +65,44 @@ def test_push_keeps_a_persons_tags_and_twice_is_once(directus, fixture_model, ca
     assert batch(capsys, "push", str(out), "--directus-url", directus.url)[1]["written"] == 0
     assert directus.token not in caplog.text and directus.token not in capsys.readouterr().err
     assert directus.token not in "".join(p.read_text() for p in out.glob("*.json*"))
+
+
+def test_push_of_a_run_with_a_head_lists_the_learnt_tags(directus, fixture_model, fixture_loaded, cache_dir,
+                                                         cifar_test, tmp_path, capsys, monkeypatch):
+    """`batch run --model-head` then `batch push`: the record names the head and lists its tags as `learnt`,
+    as `directus sync --model-head` does (docs/learn.md)."""
+    from localtag.core import learn
+    from localtag.core.decode import decode
+
+    tagger, encoder = fixture_loaded
+    train = [(c, p) for c, paths in cifar_test.items() for p in paths[:8]]
+    keys = [str(p) for _, p in train]
+    emb = encoder.embed([decode(p) for _, p in train])
+    ann = [learn.Annotation(k, "vessel-x", c == "ship") for k, (c, _) in zip(keys, train, strict=True)]
+    head = learn.train(emb, learn.targets(keys, emb, ann), model_sha256=tagger.info.sha256,
+                       model=tagger.info.name, name="boats")
+    path = learn.save(head, tmp_path / "heads" / "boats.npz")
+
+    client = DirectusClient(directus.url, directus.token)
+    marker = f"head-{uuid.uuid4().hex[:8]}"
+    ships = [client.upload(p, title=marker)["id"] for p in cifar_test["ship"][8:12]]
+    cats = [client.upload(p, title=marker)["id"] for p in cifar_test["cat"][8:12]]
+    client.set_tags(ships[0], PERSON)
+    monkeypatch.setenv("LOCALTAG_DIRECTUS_TOKEN", directus.token)
+    out = tmp_path / "run"
+    code, res = batch(capsys, "run", "directus://?filter=" + json.dumps({"title": {"_eq": marker}}), "--out",
+                      str(out), "--directus-url", directus.url, "--max-concepts", "3", "--model-head", str(path),
+                      *model_args(fixture_model, cache_dir))
+    assert code == 0 and res["items"]["ok"] == 8, res
+    code, counts = batch(capsys, "push", str(out), "--directus-url", directus.url)
+    assert code == 0 and counts["written"] == 8, counts
+    after = client.files_by_id([*ships, *cats], ["tags", PROVENANCE_FIELD])
+    assert after[ships[0]]["tags"][:2] == PERSON  # a person's tags stay
+    tagged = 0
+    for row in after.values():
+        prov = row[PROVENANCE_FIELD]
+        assert prov["head"]["name"] == "boats" and prov["head"]["concepts"] == ["vessel-x"]
+        assert len(prov["head"]["sha256"]) == 64
+        assert prov.get("learnt", []) == (["vessel-x"] if "vessel-x" in prov["tags"] else [])
+        tagged += "vessel-x" in prov["tags"]
+    assert all("vessel-x" in after[i][PROVENANCE_FIELD]["tags"] for i in ships) and tagged >= 4

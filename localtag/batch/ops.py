@@ -205,7 +205,9 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
 
     run = store.read_run()
     fp = run["fingerprint"]
-    stamp = provenance_stamp(fp["model"], fp["model_sha256"], fp["vocab_sha256"], run["run_id"])
+    head = fp.get("model_head")  # a run made with --model-head: its learnt tags are listed as `learnt`
+    stamp = provenance_stamp(fp["model"], fp["model_sha256"], fp["vocab_sha256"], run["run_id"], head=head)
+    head_concepts = frozenset(head["concepts"]) if head else frozenset()
     field = PROVENANCE_FIELD
     if not dry_run:
         ensure_provenance_field(client, create=True)
@@ -221,7 +223,8 @@ def push(store: RunStore, client: Any, *, dry_run: bool = False) -> dict[str, An
                 continue
             new = [Tag(c["id"], c["name"], float(c["value"])) for c in r["concepts"] or ()]
             try:
-                plan = plan_tags(row.get("tags"), row.get(field), new, stamp)
+                learnt = {c["id"] for c in r["concepts"] or () if {c["id"], c["name"]} & head_concepts}
+                plan = plan_tags(row.get("tags"), row.get(field), new, stamp, learnt)
             except TagsFieldError as e:
                 log.warning("directus file %s skipped: %s", r["id"], e)
                 counts["tags_not_a_list"] += 1

@@ -130,8 +130,11 @@ def fingerprint(settings: Settings) -> dict[str, Any]:
     if settings.model_head:  # only then: the fingerprints of runs without a head stay as they were
         from . import learn
 
-        path = learn.head_path(settings.heads_dir, settings.model_head)
-        head = {"model_head_sha256": hashlib.sha256(learn.load(path).path.read_bytes()).hexdigest()}
+        loaded = learn.load(learn.head_path(settings.heads_dir, settings.model_head))
+        sha = hashlib.sha256(loaded.path.read_bytes()).hexdigest()
+        # the provenance record's `head` entry (core.head_mix.head_record's shape), for `batch push`
+        record = {"name": loaded.meta.get("name") or "", "sha256": sha, "concepts": list(loaded.names)}
+        head = {"model_head_sha256": sha, "model_head": record}
     return {
         **head,
         "model": info.name,
