@@ -45,6 +45,10 @@ TRAIN_ROWS = 20_000
 SMALLEST = 256
 #: leading components kept per row to notice a vector that changed under the same id
 HEAD = 8
+#: the codes are split into this many parts, scanned in parallel by faiss.IndexShards (one thread each):
+#: one query's scan is one thread's work in faiss, so a 1M-row query took 22.2 ms on one of 2 idle EPYC cores
+#: and 11.3 ms split in two (bench/RESULTS.md)
+SHARDS = max(1, min(4, os.cpu_count() or 1))
 
 
 def to_score(cos: np.ndarray) -> np.ndarray:
@@ -121,19 +125,33 @@ class Snapshot:
 
     ids: list[str]
     head: np.ndarray
-    index: Any  # faiss.IndexPQFastScan
+    parts: list[Any]  # faiss.IndexPQFastScan over consecutive row ranges, one quantiser trained for all
+
+    def __post_init__(self) -> None:
+        self.dim = int(self.parts[0].d)
+        self.index = self.parts[0]
+        if len(self.parts) > 1:  # searched in parallel, one thread per part; labels offset to snapshot rows
+            self.index = _faiss().IndexShards(self.dim, True, True)
+            for part in self.parts:
+                self.index.add_shard(part)
 
     @classmethod
-    def build(cls, ids: list[str], matrix: np.ndarray, *, train_rows: int = TRAIN_ROWS, seed: int = 0) -> Snapshot:
+    def build(cls, ids: list[str], matrix: np.ndarray, *, train_rows: int = TRAIN_ROWS, seed: int = 0,
+              shards: int = SHARDS) -> Snapshot:
         faiss = _faiss()
         n, dim = matrix.shape
-        index = faiss.IndexPQFastScan(dim, dim // 2, 4, faiss.METRIC_INNER_PRODUCT)
+        trained = faiss.IndexPQFastScan(dim, dim // 2, 4, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(seed).choice(n, min(n, train_rows), replace=False) if n > train_rows \
             else np.arange(n)
-        index.train(np.ascontiguousarray(matrix[np.sort(sample)], np.float32))
-        for start in range(0, n, 100_000):
-            index.add(np.ascontiguousarray(matrix[start : start + 100_000], np.float32))
-        return cls(ids, np.array(matrix[:, :HEAD], np.float32), index)
+        trained.train(np.ascontiguousarray(matrix[np.sort(sample)], np.float32))
+        bounds = np.linspace(0, n, max(1, min(shards, n // SMALLEST)) + 1).astype(int)
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            part = faiss.clone_index(trained)
+            for start in range(lo, hi, 100_000):
+                part.add(np.ascontiguousarray(matrix[start : min(hi, start + 100_000)], np.float32))
+            parts.append(part)
+        return cls(ids, np.array(matrix[:, :HEAD], np.float32), parts)
 
     def candidates(self, query: np.ndarray, count: int) -> np.ndarray:
         """Snapshot rows of the ``count`` best codes for ``query`` (unordered)."""
@@ -141,7 +159,7 @@ class Snapshot:
         return labels[0][labels[0] >= 0]
 
     def nbytes(self) -> int:
-        return int(self.index.ntotal * self.index.code_size + self.head.nbytes)
+        return int(sum(p.ntotal * p.code_size for p in self.parts) + self.head.nbytes)
 
     def save(self, path: Path) -> None:
         """One file, written to a temporary name and renamed (atomic)."""
@@ -151,7 +169,8 @@ class Snapshot:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, index=faiss.serialize_index(self.index), ids=ids, head=self.head)
+                parts = {f"index{i}": faiss.serialize_index(p) for i, p in enumerate(self.parts)}
+                np.savez(f, ids=ids, head=self.head, **parts)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -165,7 +184,8 @@ class Snapshot:
         try:
             with np.load(path, allow_pickle=False) as z:
                 ids = json.loads(z["ids"].tobytes())
-                return cls(ids, z["head"], faiss.deserialize_index(z["index"]))
+                parts = sorted((k for k in z.files if k.startswith("index")), key=lambda k: int(k[5:] or 0))
+                return cls(ids, z["head"], [faiss.deserialize_index(z[k]) for k in parts])
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.warning("vector index %s unreadable (%s); rebuilding", path.name, exc)
             return None
@@ -256,7 +276,7 @@ class VectorSearch:
             snap = self._snaps.get(name)
         if snap is None and (path := self.path(name)) is not None and path.exists():
             snap = Snapshot.load(path)
-            if snap is not None and snap.index.d != matrix.shape[1]:
+            if snap is not None and snap.dim != matrix.shape[1]:
                 snap = None
         if snap is not None:
             plan = _plan(snap, ids, matrix)
