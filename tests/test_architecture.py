@@ -38,7 +38,7 @@ ALLOWED = {
     "ray": {"batch.ray_engine"},
 }
 LEAVES = ("core.prompts", "core.errors", "core.tag", "core.numeric", "core.limits", "core.addresses",
-          "core.labels", "core.devices", "serve.budgets", "serve.logthrottle")
+          "core.labels", "core.devices", "core.files", "serve.budgets", "serve.logthrottle")
 
 
 def name_of(path: Path) -> str:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +167,9 @@ class Snapshot:
         faiss = _faiss()
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = np.frombuffer(json.dumps(self.ids).encode(), np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                parts = {f"index{i}": faiss.serialize_index(p) for i, p in enumerate(self.parts)}
-                np.savez(f, ids=ids, head=self.head, **parts)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as f:
+            parts = {f"index{i}": faiss.serialize_index(p) for i, p in enumerate(self.parts)}
+            np.savez(f, ids=ids, head=self.head, **parts)
 
     @classmethod
     def load(cls, path: Path) -> Snapshot | None:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.files import atomic_file
 
 FILENAME = "app.sqlite3"
 #: input status codes (clarifai/api/status/status_code.proto: INPUT_DOWNLOAD_SUCCESS, _PENDING, _FAILED,
@@ -150,16 +150,8 @@ class AppStore:
         path = self.blob_path(digest)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_file(path) as f:
+                f.write(data)
         return digest
 
     def blob_path(self, digest: str) -> Path:
