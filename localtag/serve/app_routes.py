@@ -30,7 +30,7 @@ async def _api(request: Request) -> AppApi:
     return await api_for(request.app.state.service)
 
 
-def _send(result: tuple[int, dict], retry_after: float | None = None, close: bool = False) -> JSONResponse:
+def send(result: tuple[int, dict], retry_after: float | None = None, close: bool = False) -> JSONResponse:
     headers = {"Retry-After": f"{retry_after:.0f}"} if retry_after else {}
     if close:
         headers["Connection"] = "close"
@@ -48,9 +48,9 @@ def _app(request: Request, body: dict | None = None) -> str:
 async def _guard(request: Request) -> JSONResponse | None:
     svc = request.app.state.service
     if svc is None:
-        return _send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting")))
+        return send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting")))
     err = svc.check_auth(request.headers.get("authorization"))
-    return _send(err) if err else None
+    return send(err) if err else None
 
 
 def _client(request: Request) -> str:
@@ -63,7 +63,7 @@ async def _chunks(request: Request, holding: Holding):
         yield chunk
 
 
-async def _body(request: Request) -> dict | JSONResponse:
+async def read_body(request: Request) -> dict | JSONResponse:
     """The JSON body, read as the predict routes read theirs: within ``max_request_bytes`` (413), the
     server's body readers and body-byte budgets, in all and per client (503, Clarifai's 21354, the
     official clients retry it) and ``body_timeout`` (408)."""
@@ -75,12 +75,12 @@ async def _body(request: Request) -> dict | JSONResponse:
             raw = await asyncio.wait_for(read_capped_async(_chunks(request, holding), cap,
                                                            request.headers.get("content-length")), s.body_timeout)
     except TooLarge:
-        return _send((413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
+        return send((413, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
                                                    f"the request body is over {cap} bytes")), close=True)
     except Full as e:
-        return _send(svc.overloaded_response(e), retry_after=1, close=True)
+        return send(svc.overloaded_response(e), retry_after=1, close=True)
     except asyncio.TimeoutError:
-        return _send((408, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
+        return send((408, clarifai.error_response(clarifai.CONN_INVALID_REQUEST,
                                                    f"the request body did not arrive within {s.body_timeout:g} s")),
                      close=True)
     except ClientDisconnect:
@@ -89,14 +89,14 @@ async def _body(request: Request) -> dict | JSONResponse:
         return {}
     try:
         body = await asyncio.to_thread(json.loads, raw) if len(raw) > 256_000 else json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return _send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not JSON")))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not JSON")))
     if not isinstance(body, dict):
-        return _send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not a JSON object")))
+        return send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not a JSON object")))
     return body
 
 
-def _int(request: Request, name: str, default: int) -> int:
+def query_int(request: Request, name: str, default: int) -> int:
     try:
         return int(request.query_params.get(name) or default)
     except ValueError:
@@ -106,13 +106,13 @@ def _int(request: Request, name: str, default: int) -> int:
 async def post_inputs(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    body = await _body(request)
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
     api = await _api(request)
     if (limited := throttled(request.app.state.service, _client(request), body)) is not None:
-        return _send(limited[:2], retry_after=limited[2])
-    return _send(await api.post_inputs(_app(request, body), body))
+        return send(limited[:2], retry_after=limited[2])
+    return send(await api.post_inputs(_app(request, body), body))
 
 
 async def list_inputs(request: Request):
@@ -120,67 +120,67 @@ async def list_inputs(request: Request):
         return err
     api = await _api(request)
     ids = request.query_params.getlist("ids")
-    return _send(api.list_inputs(_app(request), _int(request, "page", 1), _int(request, "per_page", 20), ids))
+    return send(api.list_inputs(_app(request), query_int(request, "page", 1), query_int(request, "per_page", 20), ids))
 
 
 async def get_input(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    return _send((await _api(request)).get_input(_app(request), request.path_params["input_id"]))
+    return send((await _api(request)).get_input(_app(request), request.path_params["input_id"]))
 
 
 async def count_inputs(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    return _send((await _api(request)).count(_app(request)))
+    return send((await _api(request)).count(_app(request)))
 
 
 async def patch_inputs(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    body = await _body(request)
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
-    return _send(await asyncio.to_thread((await _api(request)).patch_inputs, _app(request, body), body))
+    return send(await asyncio.to_thread((await _api(request)).patch_inputs, _app(request, body), body))
 
 
 async def delete_inputs(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    body = await _body(request)
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
     ids = body.get("ids") if isinstance(body.get("ids"), list) else []
     if "input_id" in request.path_params:
         ids = [request.path_params["input_id"]]
     ids = [str(i) for i in ids]
-    return _send(await asyncio.to_thread((await _api(request)).delete_inputs, _app(request, body), ids))
+    return send(await asyncio.to_thread((await _api(request)).delete_inputs, _app(request, body), ids))
 
 
 async def searches(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    body = await _body(request)
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
     annotations = request.url.path.endswith("/annotations/searches")
-    return _send(await (await _api(request)).search(_app(request, body), body, annotations=annotations))
+    return send(await (await _api(request)).search(_app(request, body), body, annotations=annotations))
 
 
 async def list_concepts(request: Request):
     if (err := await _guard(request)) is not None:
         return err
     api = await _api(request)
-    return _send(api.list_concepts(_app(request), _int(request, "page", 1), _int(request, "per_page", 128)))
+    return send(api.list_concepts(_app(request), query_int(request, "page", 1), query_int(request, "per_page", 128)))
 
 
 async def post_concepts(request: Request):
     if (err := await _guard(request)) is not None:
         return err
-    body = await _body(request)
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
-    return _send(await asyncio.to_thread((await _api(request)).post_concepts, _app(request, body), body))
+    return send(await asyncio.to_thread((await _api(request)).post_concepts, _app(request, body), body))
 
 
 ROUTES = (

@@ -12,35 +12,30 @@ custom model id to :meth:`CustomModels.predict`.
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..core import clarifai
-from ..core.limits import TooLarge, read_capped_async
+from .app_routes import query_int, read_body, send
 from .model_service import CustomModels, request_app
 
 router = APIRouter(tags=["models"])
 PREFIXES = ("/v2/users/{user_id}/apps/{app_id}", "/v2")
 
 
-def _send(result: tuple[int, dict]) -> JSONResponse:
-    return JSONResponse(result[1], status_code=result[0])
-
-
 def _guard(request: Request) -> JSONResponse | None:
     svc = request.app.state.service
     if svc is None or getattr(svc, "custom_models", None) is None:
-        return _send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting")))
+        return send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "the server is starting")))
     err = svc.check_auth(request.headers.get("authorization"))
-    return _send(err) if err else None
+    return send(err) if err else None
 
 
 def _unavailable(request: Request) -> JSONResponse | None:
     """503 when the app store could not be opened (the served models still answer)."""
     if _models(request).api is None:
-        return _send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "custom models are unavailable: "
+        return send((503, clarifai.error_response(clarifai.INTERNAL_SERVER_ISSUE, "custom models are unavailable: "
                                                    "the app store cannot be opened (see the server's log)")))
     return None
 
@@ -62,28 +57,6 @@ def _scoped(request: Request) -> bool:
     return "app_id" in request.path_params or bool(request.query_params.get("user_app_id.app_id"))
 
 
-async def _body(request: Request) -> dict | JSONResponse:
-    cap = request.app.state.service.settings.max_request_bytes
-    try:
-        raw = await read_capped_async(request.stream(), cap, request.headers.get("content-length"))
-    except TooLarge:
-        return _send((413, clarifai.error_response(clarifai.INPUT_OVER_LIMIT, f"the request body is over {cap} bytes")))
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return _send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not JSON")))
-    if not isinstance(body, dict):
-        return _send((400, clarifai.error_response(clarifai.CONN_BAD_REQUEST_FORMAT, "the body is not a JSON object")))
-    return body
-
-
-def _int(request: Request, name: str, default: int) -> int:
-    try:
-        return int(request.query_params.get(name) or default)
-    except ValueError:
-        return default
 
 
 async def models_route(request: Request):
@@ -92,17 +65,17 @@ async def models_route(request: Request):
         return err
     m = _models(request)
     if request.method == "GET" and m.api is None:
-        return _send(request.app.state.service.list_models())
+        return send(request.app.state.service.list_models())
     if (err := _unavailable(request)) is not None:
         return err
     if request.method == "GET":
-        return _send(await asyncio.to_thread(m.list_models, _app(request) if _scoped(request) else None))
-    body = await _body(request)
+        return send(await asyncio.to_thread(m.list_models, _app(request) if _scoped(request) else None))
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
     if request.method == "DELETE":
-        return _send(await asyncio.to_thread(m.api.delete_models, _app(request, body), body))
-    return _send(await asyncio.to_thread(m.api.post_models, _app(request, body), body))
+        return send(await asyncio.to_thread(m.api.delete_models, _app(request, body), body))
+    return send(await asyncio.to_thread(m.api.post_models, _app(request, body), body))
 
 
 async def model_route(request: Request):
@@ -113,13 +86,13 @@ async def model_route(request: Request):
     model_id, app = request.path_params["model_id"], _app(request)
     if request.method == "GET":
         if model_id == "types":  # ListModelTypes' path, shadowed by this router
-            return _send(svc.list_model_types())
+            return send(svc.list_model_types())
         if not m.owns(app, model_id):
-            return _send(svc.get_model(model_id))
-        return _send(await asyncio.to_thread(m.api.get_model, app, model_id))
+            return send(svc.get_model(model_id))
+        return send(await asyncio.to_thread(m.api.get_model, app, model_id))
     if (err := _unavailable(request)) is not None:
         return err
-    return _send(await asyncio.to_thread(m.api.delete_model, app, model_id))
+    return send(await asyncio.to_thread(m.api.delete_model, app, model_id))
 
 
 async def versions_route(request: Request):
@@ -132,16 +105,16 @@ async def versions_route(request: Request):
         return err
     if request.method == "GET":
         trained = request.query_params.get("trained_only", "").lower() in ("1", "true")
-        return _send(await asyncio.to_thread(m.api.list_versions, _app(request), model_id, _int(request, "page", 1),
-                                             _int(request, "per_page", 128), trained))
-    body = await _body(request)
+        return send(await asyncio.to_thread(m.api.list_versions, _app(request), model_id, query_int(request, "page", 1),
+                                             query_int(request, "per_page", 128), trained))
+    body = await read_body(request)
     if isinstance(body, JSONResponse):
         return body
     app = _app(request, body)
     if not m.owns(app, model_id) and request.app.state.service.entry(model_id) is not None:
-        return _send((400, clarifai.error_response(clarifai.MODEL_INVALID_ARGUMENT,
+        return send((400, clarifai.error_response(clarifai.MODEL_INVALID_ARGUMENT,
                                                    f"model {model_id!r} is a public model: it is not trainable")))
-    return _send(await asyncio.to_thread(m.post_version, app, model_id, body))
+    return send(await asyncio.to_thread(m.post_version, app, model_id, body))
 
 
 async def version_route(request: Request):
@@ -152,12 +125,12 @@ async def version_route(request: Request):
     p = request.path_params
     app = _app(request)
     if not m.owns(app, p["model_id"]) and request.method == "GET" and svc.entry(p["model_id"]) is not None:
-        return _send(svc.get_model(p["model_id"]))
+        return send(svc.get_model(p["model_id"]))
     if (err := _unavailable(request)) is not None:
         return err
     if request.method == "GET":
-        return _send(await asyncio.to_thread(m.api.get_version, app, p["model_id"], p["version_id"]))
-    return _send(await asyncio.to_thread(m.api.delete_version, app, p["model_id"], p["version_id"]))
+        return send(await asyncio.to_thread(m.api.get_version, app, p["model_id"], p["version_id"]))
+    return send(await asyncio.to_thread(m.api.delete_version, app, p["model_id"], p["version_id"]))
 
 
 async def output_info_route(request: Request):
@@ -167,8 +140,8 @@ async def output_info_route(request: Request):
     svc, m = request.app.state.service, _models(request)
     model_id, app = request.path_params["model_id"], _app(request)
     if not m.owns(app, model_id):
-        return _send(svc.get_output_info(model_id))
-    return _send(await asyncio.to_thread(m.api.get_model, app, model_id))
+        return send(svc.get_output_info(model_id))
+    return send(await asyncio.to_thread(m.api.get_model, app, model_id))
 
 
 ROUTES = (
